@@ -1,0 +1,143 @@
+"""Batched sampling with a prefix, recording the log-probability of every sampled token.
+
+A hand-written decode loop rather than `model.generate`: PPO needs the log-probs of the policy
+(softmax(logits / T)), not of the top-k/top-p-warped sampling distribution, and it needs them to
+agree with a later single forward pass over prompt + completion (see `runtime.score_completions`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .runtime import build_cache, logprobs_of, position_ids, prefix_kv
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor        # [B, Tp] left-padded
+    prompt_mask: torch.Tensor       # [B, Tp]
+    completion_ids: torch.Tensor    # [B, Tc] right-padded with pad_token_id after EOS
+    completion_mask: torch.Tensor   # [B, Tc] 1 for sampled tokens (EOS included), 0 after
+    logprobs: torch.Tensor          # [B, Tc] log p_T(token) at sampling time (0 where masked)
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+
+def render_prompts(tokenizer, prompts: list[str], chat: bool | None = None, system: str | None = None) -> list[str]:
+    """Apply the tokenizer's chat template to user prompts (when it has one and `chat` is not False)."""
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    if not chat:
+        return list(prompts)
+    rendered = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool | None = None, system: str | None = None,
+                   max_length: int | None = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise (rendered) prompts into left-padded ids and mask."""
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    texts = render_prompts(tokenizer, prompts, chat, system)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_used(tokenizer, chat),
+                    truncation=max_length is not None, max_length=max_length)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def chat_used(tokenizer, chat: bool | None) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None:
+            ids.add(int(e))
+    return sorted(ids)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering (masked logits set to -inf)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
+           max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None,
+           kv: torch.Tensor | None = None, decode: bool = True) -> Rollout:
+    """Sample completions for a batch of left-padded prompts, with the prefix shared across the batch."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    device = model.device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    batch = prompt_ids.shape[0]
+    if kv is None:
+        kv = prefix_kv(model, prefix)
+    length = 0 if kv is None else kv.shape[2]
+    cache = build_cache(model, kv, batch)
+    stop = torch.tensor(eos_ids(model, tokenizer), device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+
+    attn = torch.cat([prompt_mask.new_ones(batch, length), prompt_mask], dim=1)
+    pos = position_ids(prompt_mask, length)
+    inputs = prompt_ids
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for step in range(max_new_tokens):
+        out = model(input_ids=inputs, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        if step < min_new_tokens:
+            logits[:, stop] = float("-inf")
+        if do_sample:
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        lp = logprobs_of(logits, nxt, temperature)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        alive.append(~done)
+        tokens.append(nxt)
+        logps.append(torch.where(done, torch.zeros_like(lp), lp))
+        done = done | torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        inputs = nxt.unsqueeze(1)
+        attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
+        pos = pos[:, -1:] + 1
+    completion = torch.stack(tokens, 1)
+    mask = torch.stack(alive, 1).long()
+    texts = tokenizer.batch_decode(completion.masked_fill(mask == 0, pad), skip_special_tokens=True) if decode else []
+    return Rollout(prompt_ids, prompt_mask, completion, mask, torch.stack(logps, 1), texts)
+
+
+def generate(model, tokenizer, prompts: list[str], prefix=None, *, chat: bool | None = None,
+             system: str | None = None, batch_size: int = 32, seed: int | None = None, **sample_kw) -> list[str]:
+    """Convenience: completions (text) for a list of prompts, with or without a prefix."""
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    kv = prefix_kv(model, prefix)
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], chat, system, device=model.device)
+        texts += sample(model, tokenizer, ids, mask, kv=kv, generator=generator, **sample_kw).texts
+    return texts

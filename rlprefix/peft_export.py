@@ -1,0 +1,47 @@
+"""Export a prefix as a PEFT prefix-tuning adapter (adapter_config.json + adapter_model.safetensors).
+
+PEFT lays the prefix out as `prompt_embeddings` [P, L*2*n_kv*head_dim], viewed as [P, 2L, n_kv, head_dim]
+with row 2l = layer l's key and 2l+1 its value; rlprefix's [L, 2, P, kv_dim] maps onto it by a permute.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .io import write_artifact_dir
+from .modeling import kv_spec
+
+
+def kv_to_peft(kv: torch.Tensor) -> torch.Tensor:
+    """[L, 2, P, kv_dim] -> PEFT's prompt_embeddings [P, L*2*kv_dim]."""
+    layers, two, length, kv_dim = kv.shape
+    return kv.permute(2, 0, 1, 3).reshape(length, layers * two * kv_dim)
+
+
+def peft_to_kv(emb: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Inverse of `kv_to_peft`."""
+    length = emb.shape[0]
+    return emb.view(length, num_layers, 2, -1).permute(1, 2, 0, 3).contiguous()
+
+
+def peft_adapter_config(model, length: int) -> dict:
+    spec = kv_spec(model)
+    return {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": length,
+        "num_layers": spec.num_layers, "token_dim": spec.kv_dim, "num_attention_heads": spec.num_kv_heads,
+        "num_transformer_submodules": 1, "prefix_projection": False, "encoder_hidden_size": spec.kv_dim,
+        "inference_mode": True, "base_model_name_or_path": getattr(model.config, "name_or_path", None),
+        "revision": None, "auto_mapping": None, "modules_to_save": None,
+    }
+
+
+@torch.no_grad()
+def export_peft(prefix, model, out_dir: str | Path) -> Path:
+    """Write `prefix` (any kind, or a CompressedPrefix) as a PEFT adapter that `PeftModel.from_pretrained` loads."""
+    kv = prefix.key_values(model).detach().float().cpu()
+    dtype = next(model.parameters()).dtype
+    return write_artifact_dir(out_dir, {
+        "adapter_model.safetensors": {"prompt_embeddings": kv_to_peft(kv).to(dtype)},
+        "adapter_config.json": peft_adapter_config(model, kv.shape[2]),
+    })

@@ -1,0 +1,156 @@
+"""The prefix: learned per-layer key/value vectors prepended to every attention layer of a frozen model.
+
+Three parameterisations share one interface, `key_values(model) -> [layers, 2, length, kv_dim]`:
+- "mlp":    P = base + MLP(P_theta), the Prefix-Tuning training recipe (Li & Liang 2021);
+- "kv":     plain per-layer K/V tensors, what `merge()` produces for inference and RL;
+- "prompt": input-embedding virtual tokens (Prompt Tuning), the baseline; its K/V are what the
+            frozen model computes for those embeddings, so it plugs into the same cache machinery.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .modeling import KVSpec, kv_spec
+
+PrefixKind = Literal["kv", "mlp", "prompt"]
+KINDS = ("kv", "mlp", "prompt")
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
+    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
+    out = []
+    for k, v in cache_layers(cache):
+        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
+    return torch.stack(out)
+
+
+class Prefix(nn.Module):
+    """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long."""
+
+    def __init__(self, spec: KVSpec, length: int, kind: PrefixKind = "mlp", *, mlp_hidden: int = 512,
+                 mlp_input_dim: int | None = None, init_kv: torch.Tensor | None = None,
+                 init_std: float = 0.02, generator: torch.Generator | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown prefix kind {kind!r}; use one of {KINDS}")
+        if length < 0:
+            raise ValueError(f"prefix length must be >= 0, got {length}")
+        self.spec, self.length, self.kind = spec, int(length), kind
+        self.mlp_hidden = int(mlp_hidden)
+        self.mlp_input_dim = int(mlp_input_dim or spec.kv_dim)
+        shape = (spec.num_layers, 2, self.length, spec.kv_dim)
+        if init_kv is not None and tuple(init_kv.shape) != shape:
+            raise ValueError(f"init_kv has shape {tuple(init_kv.shape)}, this prefix needs {shape}")
+
+        def randn(*size):
+            return torch.randn(*size, generator=generator) * init_std
+
+        if kind == "kv":
+            self.kv = nn.Parameter(init_kv.detach().clone().float() if init_kv is not None else randn(*shape))
+        elif kind == "mlp":
+            out_dim = spec.num_layers * 2 * spec.kv_dim
+            self.p_theta = nn.Parameter(torch.randn(self.length, self.mlp_input_dim, generator=generator))
+            self.mlp = nn.Sequential(nn.Linear(self.mlp_input_dim, self.mlp_hidden), nn.Tanh(),
+                                     nn.Linear(self.mlp_hidden, out_dim))
+            with torch.no_grad():  # deterministic init under `generator`
+                for lin in (self.mlp[0], self.mlp[2]):
+                    bound = lin.in_features ** -0.5
+                    lin.weight.copy_(torch.rand(lin.weight.shape, generator=generator) * 2 * bound - bound)
+                    lin.bias.zero_()
+                if init_kv is not None:  # start exactly at the given K/V: base + MLP(.) with a zero last layer
+                    self.mlp[2].weight.zero_()
+            base = init_kv.detach().clone().float() if init_kv is not None else torch.zeros(shape)
+            self.register_buffer("base", base)
+        else:
+            self.embeds = nn.Parameter(randn(self.length, spec.hidden_size))
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model, length: int, kind: PrefixKind = "mlp", **kw) -> "Prefix":
+        """A randomly initialised prefix whose shapes come from `model.config`."""
+        return cls(kv_spec(model), length, kind, **kw)
+
+    @classmethod
+    @torch.no_grad()
+    def from_text(cls, model, tokenizer, text: str, length: int | None = None, kind: PrefixKind = "mlp",
+                  **kw) -> "Prefix":
+        """Initialise from real words: the frozen model's own K/V for `text` (tiled to `length` tokens).
+
+        With kind "kv" the prefix then acts exactly as if the text preceded every input; this is
+        the initialisation Li & Liang recommend, and the one Cartridges uses.
+        """
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("prefix init text is empty after tokenisation")
+        length = len(ids) if length is None else int(length)
+        while len(ids) < length:
+            ids = ids + tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids[:length]], device=model.device)
+        spec = kv_spec(model)
+        if kind == "prompt":
+            prefix = cls(spec, length, "prompt", **kw)
+            prefix.embeds.data.copy_(model.get_input_embeddings()(ids)[0].float())
+            return prefix
+        out = model(input_ids=ids, use_cache=True)
+        kv = cache_to_kv(out.past_key_values, spec).float().cpu()
+        return cls(spec, length, kind, init_kv=kv, **kw)
+
+    # --- the one interface every stage uses ---------------------------------------------------------
+    def key_values(self, model=None) -> torch.Tensor:
+        """The prefix as [layers, 2, length, kv_dim] K/V (keys as they enter the cache: no RoPE is applied)."""
+        spec = self.spec
+        if self.kind == "kv":
+            return self.kv
+        if self.kind == "mlp":
+            out = self.mlp(self.p_theta).view(self.length, spec.num_layers, 2, spec.kv_dim)
+            return self.base + out.permute(1, 2, 0, 3)
+        if model is None:
+            raise ValueError("a 'prompt' prefix needs the model to compute its K/V")
+        if self.length == 0:
+            return self.embeds.new_zeros(spec.num_layers, 2, 0, spec.kv_dim)
+        dtype = next(model.parameters()).dtype
+        out = model(inputs_embeds=self.embeds.to(dtype).unsqueeze(0), use_cache=True)
+        return cache_to_kv(out.past_key_values, spec)
+
+    @torch.no_grad()
+    def merge(self, model=None) -> "Prefix":
+        """Evaluate the reparameterisation once; return a plain "kv" prefix with identical outputs."""
+        kv = self.key_values(model).detach().float().cpu()
+        return Prefix(self.spec, self.length, "kv", init_kv=kv, mlp_hidden=self.mlp_hidden,
+                      mlp_input_dim=self.mlp_input_dim).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, length={self.length}, spec=({self.spec.describe()})"
+
+    # --- persistence (safetensors + JSON manifest; see rlprefix.io) ----------------------------------
+    def config_dict(self) -> dict:
+        return {"kind": self.kind, "length": self.length, "mlp_hidden": self.mlp_hidden,
+                "mlp_input_dim": self.mlp_input_dim}
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        from .io import save_prefix
+        save_prefix(self, path, metadata)
+
+    @classmethod
+    def load(cls, path, model=None) -> "Prefix":
+        from .io import load_prefix
+        return load_prefix(path, model)

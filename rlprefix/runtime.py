@@ -1,0 +1,114 @@
+"""Running a frozen model with a prefix: cache construction, masks, positions, log-probabilities.
+
+Conventions (the same as PEFT's prefix tuning, so exported prefixes give the same logits there):
+- the attention mask gets `length` ones prepended for the prefix;
+- real tokens take positions length, length+1, ... counted over non-padding tokens only, so a
+  left-padded row sees exactly what it would see alone;
+- prefix keys enter the cache as they are (no rotary embedding is applied to them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .modeling import kv_spec
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache:
+    """A fresh DynamicCache holding the prefix K/V ([layers, 2, P, kv_dim]) for `batch_size` rows.
+
+    The K/V are expanded (a view, not a copy) across the batch; gradients flow back into `kv`.
+    """
+    cache = DynamicCache()
+    if kv is None or kv.shape[2] == 0:
+        return cache
+    spec = kv_spec(model)
+    if kv.shape[0] != spec.num_layers or kv.shape[3] != spec.kv_dim:
+        raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
+                         f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
+    kv = kv.to(device=model.device, dtype=model_dtype(model))
+    length = kv.shape[2]
+    for layer in range(spec.num_layers):
+        k, v = (kv[layer, i].view(length, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
+                .unsqueeze(0).expand(batch_size, -1, -1, -1) for i in (0, 1))
+        cache.update(k, v, layer)
+    return cache
+
+
+def prefix_kv(model, prefix) -> torch.Tensor | None:
+    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
+    if prefix is None or prefix.length == 0:
+        return None
+    return prefix.key_values(model)
+
+
+def position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Positions counted over real tokens only, starting at `offset` (the prefix length)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0) + offset
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor               # [B, T_kept, V]
+    hidden: torch.Tensor | None        # [B, T_kept, H], final hidden states (after the final norm)
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None, *,
+            kv: torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden: bool = False) -> ForwardOutput:
+    """One forward pass over full sequences with the prefix attached (pass `kv` to reuse computed K/V)."""
+    if kv is None:
+        kv = prefix_kv(model, prefix)
+    length = 0 if kv is None else kv.shape[2]
+    batch = input_ids.shape[0]
+    cache = build_cache(model, kv, batch)
+    full_mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1)
+    out = model(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids(attention_mask, length),
+                past_key_values=cache, use_cache=True, output_hidden_states=output_hidden,
+                logits_to_keep=logits_to_keep)
+    hidden = None
+    if output_hidden:
+        hidden = out.hidden_states[-1]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+    return ForwardOutput(out.logits, hidden)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature), gathered per position."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class SequenceScores:
+    logprobs: torch.Tensor             # [B, Tc] log p of each completion token
+    logits: torch.Tensor               # [B, Tc, V] the logits that predicted them
+    hidden: torch.Tensor | None        # [B, Tc, H] hidden states at the predicting positions
+
+
+def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *,
+                      kv=None, temperature: float = 1.0, output_hidden: bool = False) -> SequenceScores:
+    """Log-probs of completion tokens given left-padded prompts, in one forward over prompt+completion.
+
+    Only the logits of the completion positions are materialised (`logits_to_keep`).
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    tc = completion_ids.shape[1]
+    out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden)
+    logits = out.logits[:, :-1]
+    hidden = out.hidden[:, :-1] if out.hidden is not None else None
+    return SequenceScores(logprobs_of(logits, completion_ids, temperature), logits, hidden)

@@ -1,0 +1,76 @@
+"""Tiny random models of real architectures and a byte-level tokenizer: a fast, hermetic test bed."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CORPUS = [
+    "The film was wonderful and the actors were great.", "I hated the food, it was cold and bland.",
+    "Write a one-sentence review of a coffee shop.", "This phone is fast, bright and lovely.",
+    "The hotel room was dirty and the staff were rude.", "A calm, beautiful park with friendly people.",
+    "positive review", "negative review", "hello world", "good great love happy nice excellent",
+] * 4
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_object():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>",
+                                                                   "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_object()), eos_token="<|eos|>",
+                                  pad_token="<|pad|>", padding_side="left")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(arch: str, vocab_size: int = 320):
+    if arch == "gpt2":  # multi-head attention, learned absolute positions, tied embeddings
+        return GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=256, vocab_size=vocab_size,
+                          bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    if arch == "llama":  # grouped-query attention (4 query heads, 2 kv heads), RoPE, untied embeddings
+        return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                           intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    if arch == "llama-mqa":  # multi-query attention: one kv head
+        return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
+                           intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    if arch == "qwen2":  # GQA with qkv bias
+        return Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                           intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    from rlprefix.modeling import freeze
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model.generation_config.eos_token_id = 1
+    return freeze(model)
+
+
+def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
+    """A tiny model + tokenizer on disk, loadable by `rlprefix.load_model(path)`."""
+    model = tiny_model(arch, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
