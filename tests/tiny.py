@@ -43,19 +43,23 @@ def tiny_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
 def tiny_config(arch: str, vocab_size: int = 320):
     if arch == "gpt2":  # multi-head attention, learned absolute positions, tied embeddings
         return GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=256, vocab_size=vocab_size,
-                          bos_token_id=1, eos_token_id=1, pad_token_id=0)
+                          bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                          initializer_range=0.1)
     if arch == "llama":  # grouped-query attention (4 query heads, 2 kv heads), RoPE, untied embeddings
         return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                          initializer_range=0.1)
     if arch == "llama-mqa":  # multi-query attention: one kv head
         return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
-                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                          initializer_range=0.1)
     if arch == "qwen2":  # GQA with qkv bias
         return Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
-                           bos_token_id=1, eos_token_id=1, pad_token_id=0)
+                           bos_token_id=1, eos_token_id=1, pad_token_id=0,
+                          initializer_range=0.1)
     raise ValueError(arch)
 
 

@@ -1,0 +1,92 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else (optimiser scalars,
+RNG states, counters) in JSON. Written atomically as a directory (state.safetensors + state.json)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import load_tensors, read_json, write_artifact_dir
+
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str = "optim") -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    for name, g in (generators or {}).items():
+        tensors[f"rng.gen.{name}"] = g.get_state()
+    np_state = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def load_rng_state(tensors: dict, meta: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    for name, g in (generators or {}).items():
+        if f"rng.gen.{name}" in tensors:
+            g.set_state(tensors[f"rng.gen.{name}"])
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    return write_artifact_dir(path, {STATE_TENSORS: tensors, STATE_JSON: meta})
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, meta) of a checkpoint directory, or None when there is none."""
+    path = Path(path)
+    if not (path / STATE_JSON).exists():
+        return None
+    return load_tensors(path / STATE_TENSORS), read_json(path / STATE_JSON)
+
+
+def module_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module_tensors(module: torch.nn.Module, tensors: dict, prefix: str) -> None:
+    sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sd)
