@@ -63,12 +63,20 @@ def tiny_config(arch: str, vocab_size: int = 320):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
+def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 1.0):
+    """`sharpen` scales the output logits, so the random model has peaked next-token distributions like a
+    trained LM (a near-uniform model gives RL nothing to steer)."""
     from rlprefix.modeling import freeze
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
     model.generation_config.eos_token_id = 1
+    if sharpen != 1.0:
+        with torch.no_grad():
+            if arch == "gpt2":
+                model.transformer.ln_f.weight.mul_(sharpen)  # tied head: scale the final norm instead
+            else:
+                model.get_output_embeddings().weight.mul_(sharpen)
     return freeze(model)
 
 

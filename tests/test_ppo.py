@@ -1,0 +1,146 @@
+"""PPO on a prefix-only policy: ratio 1 at the start, frozen base, learning a toy reward, KL, exact resume."""
+import pytest
+import torch
+
+from rewards import RewardError
+from rlprefix import Prefix
+from rlprefix.generation import encode_prompts, sample
+from rlprefix.ppo import PPOConfig, gae, ppo
+from tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["hello world", "a calm park with friendly people", "review film", "the food"] * 4
+
+
+def cfg(**kw):
+    base = dict(steps=3, batch_size=8, minibatch_size=4, epochs=2, max_new_tokens=6, lr=3e-2, progress=False,
+                kl_coef=0.01)
+    return PPOConfig(**{**base, **kw})
+
+
+def token_reward(token):
+    def reward(prompts, completions, completion_ids, **kw):
+        return [sum(t == token for t in ids) / max(1, len(ids)) for ids in completion_ids]
+    return reward
+
+
+def common_token(model, tok, rank=5):
+    ids, mask = encode_prompts(tok, PROMPTS)
+    r = sample(model, tok, ids, mask, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    return int(torch.bincount(r.completion_ids.flatten(), minlength=model.config.vocab_size).argsort(
+        descending=True)[rank])
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1, 9.0]])  # the last position is masked out
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    d2 = 1.0 - 0.1
+    d1 = 0.0 + 0.1 - 0.2
+    d0 = 0.0 + 0.2 - 0.5
+    expect = torch.tensor([[d0 + 0.5 * (d1 + 0.5 * d2), d1 + 0.5 * d2, d2, 0.0]])
+    assert torch.allclose(adv, expect) and torch.allclose(ret, (expect + values) * mask)
+
+
+def test_first_ratio_is_one_and_base_is_untouched(arch):
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = Prefix.for_model(model, 4, "mlp")
+    p0 = {k: v.clone() for k, v in prefix.state_dict().items()}
+    res = ppo(model, tok, prefix, PROMPTS, token_reward(5), cfg())
+    for h in res.history:  # mixed prompt lengths -> left padding in every batch
+        assert h["policy/ratio_dev_first_minibatch"] < 1e-4
+        assert h["policy/sample_logprob_dev"] < 1e-4
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(p0[k], v) for k, v in prefix.state_dict().items())
+    assert any(p.abs().sum() > 0 for p in res.value_head.net[-1].parameters())
+
+
+@pytest.mark.parametrize("arch,kind,lr,rank", [("llama", "kv", 3e-2, 2), ("gpt2", "mlp", 1e-2, 5)])
+def test_toy_reward_rises(arch, kind, lr, rank):
+    model, tok = tiny_model(arch, sharpen=6.0), tiny_tokenizer()
+    target = common_token(model, tok, rank)
+    prefix = Prefix.for_model(model, 8, kind, generator=torch.Generator().manual_seed(0))
+    res = ppo(model, tok, prefix, PROMPTS, token_reward(target),
+              cfg(steps=40, batch_size=16, minibatch_size=8, epochs=4, max_new_tokens=8, lr=lr))
+    rewards = [h["reward/mean"] for h in res.history]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert end > 0.3 and end > 2 * start, rewards
+
+
+def test_kl_is_zero_when_prefix_is_off_for_both():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    res = ppo(model, tok, Prefix.for_model(model, 0, "kv"), PROMPTS, token_reward(5), cfg(reference="base"))
+    assert [h["kl"] for h in res.history] == [0.0] * 3
+
+
+def test_reference_initial_starts_at_zero_kl():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prefix = Prefix.for_model(model, 4, "kv")
+    res = ppo(model, tok, prefix, PROMPTS, token_reward(5), cfg(steps=1, reference="initial"))
+    assert res.history[0]["kl"] == 0.0
+
+
+def test_resume_continues_identically(tmp_path, monkeypatch):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    config = cfg(steps=4, checkpoint_every=2)
+
+    def fresh():
+        return Prefix.for_model(model, 4, "kv", generator=torch.Generator().manual_seed(1))
+
+    full = ppo(model, tok, fresh(), PROMPTS, token_reward(5), config, output_dir=tmp_path / "a")
+    calls = {"n": 0}
+
+    def dies_on_step_3(prompts, completions, completion_ids, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return token_reward(5)(prompts, completions, completion_ids)
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo(model, tok, fresh(), PROMPTS, dies_on_step_3, config, output_dir=tmp_path / "b")
+    resumed = ppo(model, tok, fresh(), PROMPTS, token_reward(5), config, output_dir=tmp_path / "b")
+    for k, v in full.prefix.state_dict().items():
+        assert torch.equal(v, resumed.prefix.state_dict()[k])
+    for k, v in full.value_head.state_dict().items():
+        assert torch.equal(v, resumed.value_head.state_dict()[k])
+    assert [h["reward/mean"] for h in full.history] == [h["reward/mean"] for h in resumed.history]
+    assert [h["kl_coef"] for h in full.history] == [h["kl_coef"] for h in resumed.history]
+    assert len((tmp_path / "b" / "ppo_metrics.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "b" / "ppo_curves.png").exists()
+
+
+def test_a_failing_reward_names_itself_and_keeps_the_checkpoint(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, token_reward(5), cfg(steps=2, checkpoint_every=1),
+        output_dir=tmp_path)
+    saved = (tmp_path / "ppo_checkpoint" / "state.safetensors").read_bytes()
+
+    def nan_reward(prompts, completions, **kw):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(RewardError, match="reward 'nan_reward' returned nan at sample 0"):
+        ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, nan_reward, cfg(steps=2), output_dir=tmp_path / "c")
+    assert (tmp_path / "ppo_checkpoint" / "state.safetensors").read_bytes() == saved
+    with pytest.raises(ValueError, match="different PPO config"):
+        ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, token_reward(5), cfg(steps=3, lr=1.0),
+            output_dir=tmp_path)
+
+
+def test_adaptive_kl_moves_beta():
+    model, tok = tiny_model("gpt2", sharpen=6.0), tiny_tokenizer()
+    res = ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, token_reward(5),
+              cfg(steps=3, kl_target=0.001, kl_horizon=100, lr=0.1))
+    coefs = [h["kl_coef"] for h in res.history]
+    assert coefs[-1] > 0.01  # KL far above target -> beta grows
+
+
+def test_bad_config_and_prompts():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(ValueError, match="multiple of ppo.minibatch_size"):
+        ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, token_reward(5), cfg(batch_size=6))
+    with pytest.raises(ValueError, match="is empty"):
+        ppo(model, tok, Prefix.for_model(model, 4, "kv"), [], token_reward(5), cfg())
+    with pytest.raises(ValueError, match=r"needs column\(s\) \['prompt'\]"):
+        ppo(model, tok, Prefix.for_model(model, 4, "kv"), [{"text": "x"}], token_reward(5), cfg())
