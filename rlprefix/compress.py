@@ -1,7 +1,222 @@
-"""Low-rank compression of prefixes (placeholder until the compression stage lands)."""
+"""Stage 3, low-rank compression: factorise a prefix's K/V into U·V^T blocks by truncated SVD.
+
+Scopes (which matrices are factorised):
+- "matrix": each layer's K and each layer's V separately ([P, kv_dim] each). Rank <= P, so the ratio
+            is about P / r: short prefixes cannot shrink much this way.
+- "shared": one basis per K and per V shared by all layers: the [L*P, kv_dim] stack of every layer's
+            keys (values) ~ A·B, B a common [r, kv_dim] basis. Rank up to kv_dim: the best ratios.
+- "whole":  the PEFT layout [P, L*2*kv_dim] as one matrix.
+U carries the singular values (U·diag(S)), V is orthonormal.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .modeling import KVSpec
+
+Scope = Literal["matrix", "shared", "whole"]
+SCOPES = ("matrix", "shared", "whole")
 
 
-class CompressedPrefix:  # replaced by the real implementation in the compression stage
+def to_blocks(kv: torch.Tensor, scope: Scope) -> list[torch.Tensor]:
+    """[L, 2, P, D] -> the list of matrices that `scope` factorises."""
+    L, _, P, D = kv.shape
+    if scope == "matrix":
+        return [kv[layer, i] for layer in range(L) for i in (0, 1)]
+    if scope == "shared":
+        return [kv[:, i].reshape(L * P, D) for i in (0, 1)]
+    if scope == "whole":
+        return [kv.permute(2, 0, 1, 3).reshape(P, L * 2 * D)]
+    raise ValueError(f"unknown compression scope {scope!r}; use one of {SCOPES}")
+
+
+def from_blocks(blocks: list[torch.Tensor], scope: Scope, spec: KVSpec, length: int) -> torch.Tensor:
+    """Inverse of `to_blocks`."""
+    L, D, P = spec.num_layers, spec.kv_dim, length
+    if scope == "matrix":
+        return torch.stack([torch.stack([blocks[2 * layer], blocks[2 * layer + 1]]) for layer in range(L)])
+    if scope == "shared":
+        return torch.stack([b.view(L, P, D) for b in blocks], dim=1)
+    return blocks[0].view(P, L, 2, D).permute(1, 2, 0, 3)
+
+
+def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """Fixed `rank` (capped at full), or the smallest rank keeping `energy` of sum(s^2); full when neither."""
+    full = int(s.numel())
+    if rank is not None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        return min(int(rank), full)
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        cum = (s ** 2).cumsum(0) / (s ** 2).sum().clamp(min=1e-30)
+        return min(int((cum < energy - 1e-7).sum().item()) + 1, full)
+    return full
+
+
+class CompressedPrefix(nn.Module):
+    """A prefix stored as low-rank factors; `key_values()` reconstructs [L, 2, P, kv_dim] on the fly."""
+
+    kind = "lowrank"
+
+    def __init__(self, spec: KVSpec, length: int, scope: Scope, shapes: list[tuple[int, int, int]]):
+        super().__init__()
+        if scope not in SCOPES:
+            raise ValueError(f"unknown compression scope {scope!r}; use one of {SCOPES}")
+        self.spec, self.length, self.scope = spec, int(length), scope
+        self.shapes = [tuple(int(x) for x in s) for s in shapes]  # (rows, rank, cols) per block
+        self.u = nn.ParameterList([nn.Parameter(torch.zeros(m, r), requires_grad=False) for m, r, _ in self.shapes])
+        self.v = nn.ParameterList([nn.Parameter(torch.zeros(r, n), requires_grad=False) for _, r, n in self.shapes])
+
+    @property
+    def ranks(self) -> list[int]:
+        return [r for _, r, _ in self.shapes]
+
     @classmethod
-    def from_config(cls, spec, cfg):
-        raise NotImplementedError
+    @torch.no_grad()
+    def from_prefix(cls, prefix, model=None, rank: int | None = None, energy: float | None = None,
+                    scope: Scope = "shared") -> "CompressedPrefix":
+        kv = prefix.key_values(model).detach().float().cpu()
+        blocks = to_blocks(kv, scope)
+        factors, shapes = [], []
+        for b in blocks:
+            u, s, vh = torch.linalg.svd(b, full_matrices=False)
+            r = choose_rank(s, rank, energy)
+            factors.append((u[:, :r] * s[:r], vh[:r]))
+            shapes.append((b.shape[0], r, b.shape[1]))
+        out = cls(prefix.spec, prefix.length, scope, shapes)
+        for i, (u, v) in enumerate(factors):
+            out.u[i].data.copy_(u)
+            out.v[i].data.copy_(v)
+        return out.to(getattr(prefix, "device", torch.device("cpu")))
+
+    @classmethod
+    def from_config(cls, spec: KVSpec, cfg: dict) -> "CompressedPrefix":
+        return cls(spec, cfg["length"], cfg["scope"], [tuple(s) for s in cfg["shapes"]])
+
+    def config_dict(self) -> dict:
+        return {"kind": self.kind, "length": self.length, "scope": self.scope, "shapes": [list(s) for s in self.shapes],
+                "ranks": self.ranks}
+
+    def key_values(self, model=None) -> torch.Tensor:
+        return from_blocks([u @ v for u, v in zip(self.u, self.v)], self.scope, self.spec, self.length)
+
+    @torch.no_grad()
+    def merge(self, model=None):
+        """Reconstruct once into a plain "kv" Prefix (what generation uses when loaded for speed)."""
+        from .prefix import Prefix
+
+        return Prefix(self.spec, self.length, "kv", init_kv=self.key_values().float().cpu()).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.u[0].device if len(self.u) else torch.device("cpu")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def full_parameters(self) -> int:
+        return self.spec.num_layers * 2 * self.length * self.spec.kv_dim
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def compression_ratio(self) -> float:
+        return self.full_parameters() / max(self.num_parameters(), 1)
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        from .io import save_prefix
+        save_prefix(self, path, metadata)
+
+
+def compress(prefix, rank: int | None = None, energy: float | None = None, scope: Scope = "shared",
+             model=None) -> CompressedPrefix:
+    """Truncated SVD of a prefix, by fixed `rank` or smallest rank keeping `energy` of the spectrum."""
+    return CompressedPrefix.from_prefix(prefix, model, rank=rank, energy=energy, scope=scope)
+
+
+def reconstruction_error(full, compressed, model=None) -> list[float]:
+    """Relative Frobenius error of K and V together, per layer."""
+    a = full.key_values(model).detach().float().cpu()
+    b = compressed.key_values(model).detach().float().cpu()
+    return [((a[l] - b[l]).norm() / a[l].norm().clamp(min=1e-12)).item() for l in range(a.shape[0])]
+
+
+@torch.no_grad()
+def next_token_kl(model, tokenizer, full, compressed, prompts, *, chat=None, system=None, max_new_tokens: int = 32,
+                  seed: int = 0, batch_size: int = 16, temperature: float = 1.0) -> float:
+    """Mean per-token KL(full || compressed) of next-token distributions along completions sampled with `full`."""
+    import torch.nn.functional as F
+
+    from .data import load_records
+    from .generation import encode_prompts, sample
+    from .runtime import score_completions
+
+    ds = load_records(prompts)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    kv_full, kv_comp = full.key_values(model), compressed.key_values(model)
+    total, count = 0.0, 0
+    for i in range(0, len(ds), batch_size):
+        ids, mask = encode_prompts(tokenizer, list(ds[i:i + batch_size]["prompt"]), chat, system, device=model.device)
+        roll = sample(model, tokenizer, ids, mask, kv=kv_full, max_new_tokens=max_new_tokens,
+                      temperature=temperature, generator=gen, decode=False)
+        args = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+        lp = F.log_softmax(score_completions(model, *args, kv=kv_full).logits.float() / temperature, -1)
+        lq = F.log_softmax(score_completions(model, *args, kv=kv_comp).logits.float() / temperature, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        m = roll.completion_mask.float()
+        total, count = total + (kl * m).sum().item(), count + m.sum().item()
+    return total / max(count, 1)
+
+
+def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *, base_reward: float | None = None,
+                    full_reward: float | None = None, seed: int = 0, max_new_tokens: int = 32,
+                    samples_per_prompt: int = 1, chat=None, system=None) -> dict:
+    """Reconstruction error per layer, mean per-token KL to the full prefix, and (with a reward) reward retained.
+
+    reward_retained = (R_compressed - R_base) / (R_full - R_base): the share of the prefix's gain kept.
+    """
+    from .evaluate import evaluate_reward
+
+    report = {"scope": compressed.scope, "ranks": compressed.ranks, "parameters": compressed.num_parameters(),
+              "full_parameters": compressed.full_parameters(), "bytes": compressed.nbytes(),
+              "full_bytes": compressed.full_parameters() * 4, "compression_ratio": compressed.compression_ratio(),
+              "relative_error_per_layer": reconstruction_error(full, compressed, model)}
+    report["relative_error_mean"] = sum(report["relative_error_per_layer"]) / len(report["relative_error_per_layer"])
+    report["kl_per_token"] = next_token_kl(model, tokenizer, full, compressed, prompts, chat=chat, system=system,
+                                           max_new_tokens=max_new_tokens, seed=seed)
+    if reward is not None:
+        kw = dict(chat=chat, system=system, seed=seed, max_new_tokens=max_new_tokens,
+                  samples_per_prompt=samples_per_prompt)
+        if base_reward is None:
+            base_reward = evaluate_reward(model, tokenizer, None, prompts, reward, **kw).mean
+        if full_reward is None:
+            full_reward = evaluate_reward(model, tokenizer, full, prompts, reward, **kw).mean
+        comp_reward = evaluate_reward(model, tokenizer, compressed, prompts, reward, **kw).mean
+        gain = full_reward - base_reward
+        report.update(reward_base=base_reward, reward_full=full_reward, reward_compressed=comp_reward,
+                      reward_retained=(comp_reward - base_reward) / gain if abs(gain) > 1e-9 else float("nan"))
+    return report
+
+
+def compress_to_budget(model, tokenizer, prefix, prompts, max_kl: float, scope: Scope = "shared",
+                       ranks: list[int] | None = None, **kl_kw) -> tuple[CompressedPrefix, list[dict]]:
+    """The smallest rank (from `ranks`, ascending) whose mean per-token KL to the full prefix is <= max_kl.
+
+    Returns the chosen compressed prefix and the (rank, kl) trail; falls back to full rank.
+    """
+    blocks = to_blocks(prefix.key_values(model).detach().float().cpu(), scope)
+    full_rank = max(min(b.shape) for b in blocks)
+    candidates = sorted({r for r in (ranks or [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]) if r < full_rank})
+    trail = []
+    for r in candidates + [full_rank]:
+        comp = compress(prefix, rank=r, scope=scope, model=model)
+        kl = next_token_kl(model, tokenizer, prefix, comp, prompts, **kl_kw)
+        trail.append({"rank": r, "kl_per_token": kl, "compression_ratio": comp.compression_ratio()})
+        if kl <= max_kl:
+            return comp, trail
+    return comp, trail

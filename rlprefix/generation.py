@@ -21,6 +21,7 @@ class Rollout:
     completion_mask: torch.Tensor   # [B, Tc] 1 for sampled tokens (EOS included), 0 after
     logprobs: torch.Tensor          # [B, Tc] log p_T(token) at sampling time (0 where masked)
     texts: list[str] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # [B, Tc, H] final hidden state that predicted each token (return_hidden)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -83,7 +84,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
            max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None,
-           kv: torch.Tensor | None = None, decode: bool = True) -> Rollout:
+           kv: torch.Tensor | None = None, decode: bool = True, return_hidden: bool = False) -> Rollout:
     """Sample completions for a batch of left-padded prompts, with the prefix shared across the batch."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
@@ -101,11 +102,13 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     pos = position_ids(prompt_mask, length)
     inputs = prompt_ids
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps, alive = [], [], []
+    tokens, logps, alive, hiddens = [], [], [], []
     for step in range(max_new_tokens):
         out = model(input_ids=inputs, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, output_hidden_states=return_hidden)
         cache = out.past_key_values
+        if return_hidden:
+            hiddens.append(out.hidden_states[-1][:, -1])
         logits = out.logits[:, -1].float()
         if step < min_new_tokens:
             logits[:, stop] = float("-inf")
@@ -128,7 +131,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     completion = torch.stack(tokens, 1)
     mask = torch.stack(alive, 1).long()
     texts = tokenizer.batch_decode(completion.masked_fill(mask == 0, pad), skip_special_tokens=True) if decode else []
-    return Rollout(prompt_ids, prompt_mask, completion, mask, torch.stack(logps, 1), texts)
+    hidden = torch.stack(hiddens, 1) if return_hidden else None
+    return Rollout(prompt_ids, prompt_mask, completion, mask, torch.stack(logps, 1), texts, hidden)
 
 
 def generate(model, tokenizer, prompts: list[str], prefix=None, *, chat: bool | None = None,

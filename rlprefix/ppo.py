@@ -252,7 +252,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
             kv = prefix.key_values(model) if prefix.length else None
             roll = sample(model, tokenizer, prompt_ids, prompt_mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
                           min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                          top_p=cfg.top_p, generator=gen)
+                          top_p=cfg.top_p, generator=gen, return_hidden=True)
         t_gen = time.perf_counter()
 
         # --- 3. score the completions (reward hygiene in Scorer) ---
@@ -261,20 +261,17 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         scores = scores.to(device)
         t_score = time.perf_counter()
 
-        # --- 4. values and reference logprobs (no grad): one forward each ---
+        # --- 4. values (from the hidden states recorded while sampling) and reference logprobs ---
+        # The sampled logprobs are the "old" policy: they equal a fresh forward's to float precision (the
+        # first minibatch's ratio deviation is logged to prove it), so no extra policy forward is needed.
         mask = roll.completion_mask.float()
         with torch.no_grad():
-            pol = score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                    roll.completion_mask, kv=kv, temperature=cfg.temperature, output_hidden=True)
-            old_values = value_head(pol.hidden) * mask
-            # "old" logprobs from the same full forward the update uses (as TRL's PPOv2 does); they equal the
-            # sampling-time ones to float precision, and the gap is logged as a health check.
-            old_logprobs = pol.logprobs * mask
-            sample_dev = ((old_logprobs - roll.logprobs).abs() * mask).max().item()
+            old_values = value_head(roll.hidden) * mask
+            old_logprobs = roll.logprobs * mask
             ref = score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
                                     roll.completion_mask, kv=ref_kv, temperature=cfg.temperature)
             kl_tok = (old_logprobs - ref.logprobs) * mask            # k1 estimator per token
-            del pol, ref
+            del ref
         # --- 5. per-token rewards: -beta * KL everywhere, task score on the last real token ---
         rewards = -kl_ctl.value * kl_tok
         last = (roll.completion_mask.sum(1) - 1).clamp(min=0)
@@ -349,7 +346,6 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
                if k != "ratio_max_dev"},
             "policy/ratio_dev_first_minibatch": stats["ratio_max_dev"][0],
             "policy/early_stopped": float(early_stopped),
-            "policy/sample_logprob_dev": sample_dev,
             "value/explained_variance": explained_var,
             "response_length": dist.mean(roll.completion_mask.sum(1).float().mean().item()),
             "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
