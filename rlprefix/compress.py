@@ -175,7 +175,7 @@ def next_token_kl(model, tokenizer, full, compressed, prompts, *, chat=None, sys
 
 def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *, base_reward: float | None = None,
                     full_reward: float | None = None, seed: int = 0, max_new_tokens: int = 32,
-                    samples_per_prompt: int = 1, chat=None, system=None) -> dict:
+                    samples_per_prompt: int = 1, chat=None, system=None, temperature: float = 1.0) -> dict:
     """Reconstruction error per layer, mean per-token KL to the full prefix, and (with a reward) reward retained.
 
     reward_retained = (R_compressed - R_base) / (R_full - R_base): the share of the prefix's gain kept.
@@ -188,10 +188,10 @@ def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *,
               "relative_error_per_layer": reconstruction_error(full, compressed, model)}
     report["relative_error_mean"] = sum(report["relative_error_per_layer"]) / len(report["relative_error_per_layer"])
     report["kl_per_token"] = next_token_kl(model, tokenizer, full, compressed, prompts, chat=chat, system=system,
-                                           max_new_tokens=max_new_tokens, seed=seed)
+                                           max_new_tokens=max_new_tokens, seed=seed, temperature=temperature)
     if reward is not None:
         kw = dict(chat=chat, system=system, seed=seed, max_new_tokens=max_new_tokens,
-                  samples_per_prompt=samples_per_prompt)
+                  samples_per_prompt=samples_per_prompt, temperature=temperature)
         if base_reward is None:
             base_reward = evaluate_reward(model, tokenizer, None, prompts, reward, **kw).mean
         if full_reward is None:

@@ -1,0 +1,234 @@
+"""The `rlprefix` command: run a config, or generate / eval / compress / export / inspect a saved prefix."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  rlprefix run configs/quickstart.yaml
+  rlprefix run configs/sentiment.yaml ppo.steps=50 output_dir=runs/s50
+  rlprefix generate --prefix runs/quickstart/prefix_compressed --prompt "Write a one-sentence review of a motel."
+  rlprefix eval --prefix runs/quickstart/prefix_ppo --prompts examples/data/review_prompts_heldout.jsonl --reward sentiment
+  rlprefix compress runs/quickstart/prefix_ppo --out runs/c8 --rank 8
+  rlprefix export runs/quickstart/prefix_ppo --format peft --out runs/peft
+  rlprefix info runs/quickstart/prefix_compressed
+"""
+
+
+def _model_for(prefix_dir: str, explicit: str | None) -> str:
+    from .io import read_manifest
+    from .modeling import DEFAULT_MODEL
+
+    if explicit:
+        return explicit
+    manifest = read_manifest(prefix_dir)
+    return (manifest.get("provenance", {}).get("model") or manifest.get("model", {}).get("name_or_path")
+            or DEFAULT_MODEL)
+
+
+def _options(pairs: list[str]) -> dict:
+    from .config import parse_value
+
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"error: option {p!r} must look like key=value")
+        k, _, v = p.partition("=")
+        out[k] = parse_value(v)
+    return out
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    run(cfg)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate
+    from .io import load_prefix
+    from .modeling import load_model
+
+    model_name = _model_for(args.prefix, args.model) if args.prefix else (args.model or "smollm2-135m-instruct")
+    model, tok = load_model(model_name, args.dtype, args.device)
+    prefix = load_prefix(args.prefix, model) if args.prefix else None
+    prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
+    texts = generate(model, tok, prompts, prefix, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, do_sample=not args.greedy, top_p=args.top_p)
+    for p, t in zip(prompts, texts):
+        print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False) if args.json else f">>> {p}\n{t}\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rewards import build_reward
+
+    from .evaluate import evaluate_reward
+    from .io import load_prefix
+    from .modeling import load_model
+
+    model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
+    prefix = load_prefix(args.prefix, model)
+    reward = build_reward({"name": args.reward, **_options(args.reward_option)},
+                          {"model": model, "tokenizer": tok, "device": args.device})
+    kw = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples)
+    base = evaluate_reward(model, tok, None, args.prompts, reward, **kw)
+    with_prefix = evaluate_reward(model, tok, prefix, args.prompts, reward, **kw)
+    report = {"base": base.as_dict(), "prefix": with_prefix.as_dict(), "gain": with_prefix.mean - base.mean}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress import compress, compress_to_budget, fidelity_report
+    from .io import load_prefix
+    from .modeling import load_model
+
+    model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
+    prefix = load_prefix(args.prefix, model)
+    if args.max_kl is not None:
+        if not args.prompts:
+            raise SystemExit("error: --max-kl needs --prompts to measure KL on")
+        comp, trail = compress_to_budget(model, tok, prefix, args.prompts, args.max_kl, args.scope)
+    else:
+        comp, trail = compress(prefix, rank=args.rank, energy=args.energy, scope=args.scope, model=model), []
+    meta = dict(getattr(prefix, "manifest", {}).get("provenance", {}))
+    report = {"ranks": comp.ranks, "compression_ratio": comp.compression_ratio(), "bytes": comp.nbytes(),
+              "ranks_tried": trail}
+    if args.prompts:
+        report.update(fidelity_report(model, tok, prefix, comp, args.prompts))
+    comp.save(args.out, {**meta, "compressed_from": str(args.prefix), "fidelity": report})
+    print(json.dumps({k: v for k, v in report.items() if k != "relative_error_per_layer"}, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .io import load_prefix
+    from .modeling import load_model
+    from .peft_export import export_peft
+
+    model, _ = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
+    prefix = load_prefix(args.prefix, model)
+    if args.format == "peft":
+        path = export_peft(prefix, model, args.out)
+    else:
+        prefix.save(args.out, getattr(prefix, "manifest", {}).get("provenance", {}))
+        path = Path(args.out)
+    print(f"wrote {args.format} export to {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import read_manifest
+
+    manifest = read_manifest(args.dir)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    m = manifest["model"]
+    print(f"{args.dir}: rlprefix prefix, format v{manifest['format_version']} (rlprefix {manifest['rlprefix_version']})")
+    print(f"  kind {manifest['kind']}, length {manifest['length']}, dtype {manifest['dtype']}")
+    print(f"  model {m['model_type']}: {m['num_layers']} layers x {m['num_kv_heads']} kv heads x head_dim {m['head_dim']}"
+          f" (fingerprint {m['fingerprint']})")
+    cfg = manifest.get("config", {})
+    if "ranks" in cfg:
+        full = m["num_layers"] * 2 * manifest["length"] * m["num_kv_heads"] * m["head_dim"]
+        n = sum(r * (rows + cols) for rows, r, cols in cfg["shapes"])
+        print(f"  low rank ({cfg['scope']}): ranks {sorted(set(cfg['ranks']))}, {n} parameters vs {full} "
+              f"({full / n:.1f}x smaller)")
+    prov = manifest.get("provenance", {})
+    if prov:
+        print("  provenance: " + json.dumps(prov)[:400])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
+                                "warm start, PPO, low-rank compression and export.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"rlprefix {__import__('rlprefix').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp, prefix_required=True):
+        sp.add_argument("--model", help="base model (alias, hub id, dir or .gguf); default: the one the prefix "
+                                        "was trained on, else smollm2-135m-instruct")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument("--device", default="cpu")
+
+    r = sub.add_parser("run", help="run a YAML config: warm start -> PPO -> compress -> export",
+                       description="Run every enabled stage of a config into its output_dir. Rerunning resumes: "
+                                   "finished stages are skipped, an interrupted one continues from its checkpoint.")
+    r.add_argument("config", help="YAML config file (see configs/)")
+    r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.steps=50 reward.name=sentiment")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("generate", help="sample completions with a saved prefix (or none)")
+    g.add_argument("--prefix", help="prefix directory (manifest.json + prefix.safetensors)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per line on stdin")
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="one JSON object per line")
+    model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="mean reward of a prefix vs the base model on a prompt set")
+    e.add_argument("--prefix", required=True)
+    e.add_argument("--prompts", required=True, help="file with a 'prompt' column (JSONL/CSV/Parquet)")
+    e.add_argument("--reward", default="sentiment", help="built-in name or package.module:function")
+    e.add_argument("--reward-option", action="append", help="key=value option for the reward (repeatable)")
+    e.add_argument("--samples", type=int, default=2, help="samples per prompt")
+    e.add_argument("--max-new-tokens", type=int, default=40)
+    e.add_argument("--seed", type=int, default=0)
+    model_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compress", help="low-rank factorise a saved prefix")
+    c.add_argument("prefix")
+    c.add_argument("--out", required=True)
+    c.add_argument("--scope", default="shared", choices=["shared", "matrix", "whole"])
+    group = c.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int)
+    group.add_argument("--energy", type=float, help="keep this fraction of spectral energy")
+    group.add_argument("--max-kl", type=float, help="smallest rank with mean per-token KL <= this (needs --prompts)")
+    c.add_argument("--prompts", help="prompts for the fidelity report / KL budget")
+    model_args(c)
+    c.set_defaults(func=cmd_compress)
+
+    x = sub.add_parser("export", help="write a prefix as an rlprefix directory or a PEFT prefix-tuning adapter")
+    x.add_argument("prefix")
+    x.add_argument("--format", choices=["rlprefix", "peft"], default="rlprefix")
+    x.add_argument("--out", required=True)
+    model_args(x)
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="describe a saved prefix (reads its manifest)")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .io import ArtifactError, ModelMismatchError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ArtifactError, ModelMismatchError, FileNotFoundError) as e:
+        print(f"rlprefix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""`rlprefix run`: config -> model + prefix -> warm start -> PPO -> compression -> export -> summary.
+
+Every stage writes into OUTPUT_DIR and leaves a marker in OUTPUT_DIR/stages/ when it finishes; rerunning
+the same command skips finished stages and resumes an interrupted one from its checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, dump_config, stage_config
+from .io import atomic_write_json, atomic_write_text, read_json
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Stages:
+    """Markers of finished stages (JSON), keyed to the part of the config each stage depends on."""
+
+    def __init__(self, out: Path, is_main: bool):
+        self.dir, self.is_main = out / "stages", is_main
+
+    def done(self, name: str, key: str) -> dict | None:
+        path = self.dir / f"{name}.json"
+        if not path.exists():
+            return None
+        marker = read_json(path)
+        return marker if marker.get("key") == key else None
+
+    def finish(self, name: str, key: str, info: dict) -> dict:
+        marker = {"key": key, **info}
+        if self.is_main:
+            atomic_write_json(self.dir / f"{name}.json", marker)
+        return marker
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    """Run every enabled stage of `cfg`; returns the summary (also written to summary.json / summary.md)."""
+    from rewards import build_reward
+
+    from .compress import compress, compress_to_budget, fidelity_report
+    from .distributed import Dist
+    from .evaluate import evaluate_reward
+    from .io import load_prefix
+    from .modeling import load_model
+    from .peft_export import export_peft
+    from .ppo import PPOConfig, ppo
+    from .prefix import Prefix
+    from .warmstart import WarmStartConfig, warm_start
+
+    dist = Dist.from_env()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, dist.is_main)
+    if dist.is_main:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    timings: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    device = _device(cfg.model.device)
+    if dist.world_size > 1 and device == "cuda":
+        device = f"cuda:{dist.rank % torch.cuda.device_count()}"
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, device)
+    timings["load_model"] = time.perf_counter() - t
+    log(f"model {cfg.model.name} on {device}: loaded in {timings['load_model']:.1f}s")
+    reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
+    reward_names = [c.get("name") for c in cfg.reward.get("components", [])] or [cfg.reward["name"]]
+    ppo_cfg: PPOConfig = stage_config(cfg.ppo, PPOConfig)
+    ppo_cfg.progress = cfg.logging.progress
+    eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
+    eval_kw = dict(chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed + 12345,
+                   max_new_tokens=ppo_cfg.eval_max_new_tokens or ppo_cfg.max_new_tokens,
+                   temperature=ppo_cfg.temperature, samples_per_prompt=cfg.ppo.eval_samples_per_prompt)
+
+    # --- the starting prefix ---
+    if cfg.prefix.from_dir:
+        prefix = load_prefix(cfg.prefix.from_dir, model)
+        log(f"prefix loaded from {cfg.prefix.from_dir} ({prefix.kind}, length {prefix.length})")
+    elif cfg.prefix.init == "text":
+        prefix = Prefix.from_text(model, tok, cfg.prefix.init_text, cfg.prefix.length, cfg.prefix.kind,
+                                  mlp_hidden=cfg.prefix.mlp_hidden)
+    else:
+        prefix = Prefix.for_model(model, cfg.prefix.length, cfg.prefix.kind, mlp_hidden=cfg.prefix.mlp_hidden,
+                                  generator=torch.Generator().manual_seed(cfg.seed))
+    prefix_key = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed)
+
+    # --- baseline: the frozen model without prefix on the held-out prompts ---
+    summary: dict = {"model": cfg.model.name, "reward": cfg.reward, "output_dir": str(out)}
+    base_key = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw)
+    marker = stages.done("eval_base", base_key) if eval_prompts else None
+    if eval_prompts and marker is None:
+        t = time.perf_counter()
+        base = evaluate_reward(model, tok, None, eval_prompts, reward, dist=dist, **eval_kw)
+        marker = stages.finish("eval_base", base_key, base.as_dict(cfg.logging.samples))
+        timings["eval_base"] = time.perf_counter() - t
+    if marker:
+        summary["before"] = {k: v for k, v in marker.items() if k != "key"}
+        log(f"base model: mean reward {marker['reward_mean']:.3f} on {marker['n']} held-out samples")
+
+    # --- stage 1: warm start ---
+    ws_key = _key(prefix_key, asdict(cfg.warm_start))
+    if cfg.warm_start.enabled:
+        marker = stages.done("warm_start", ws_key)
+        if marker is None:
+            t = time.perf_counter()
+            ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
+            ws_cfg.progress = cfg.logging.progress
+            res = warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg, eval_dataset=cfg.warm_start.eval_data,
+                             output_dir=out / "warm_start", is_main=dist.is_main)
+            prefix = res.prefix
+            if dist.is_main:
+                prefix.save(out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss})
+            timings["warm_start"] = time.perf_counter() - t
+            marker = stages.finish("warm_start", ws_key, {
+                "best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done,
+                "seconds": timings["warm_start"]})
+        else:
+            prefix = load_prefix(out / "prefix_warmstart", model)
+            timings["warm_start"] = marker.get("seconds", 0.0)
+        summary["warm_start"] = {k: v for k, v in marker.items() if k != "key"}
+        log(f"warm start: best eval loss {marker['best_eval_loss']:.3f} (step {marker['best_step']})")
+    elif prefix.kind != "kv" and prefix.kind != "lowrank":
+        prefix = prefix.merge(model)
+
+    # --- stage 2: PPO ---
+    ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward)
+    if cfg.ppo.enabled:
+        marker = stages.done("ppo", ppo_key)
+        if marker is None:
+            t = time.perf_counter()
+            if prefix.kind == "lowrank":
+                prefix = prefix.merge(model)
+            res = ppo(model, tok, prefix, cfg.ppo.prompts, reward, ppo_cfg, output_dir=out / "ppo", dist=dist)
+            prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
+            if dist.is_main:
+                prefix.save(out / "prefix_ppo", {"stage": "ppo", "reward": reward_names,
+                                                 "final_reward": res.history[-1]["reward/mean"] if res.history else None})
+            timings["ppo"] = time.perf_counter() - t
+            last = res.history[-1] if res.history else {}
+            marker = stages.finish("ppo", ppo_key, {"steps": res.steps_done, "final_train_reward": last.get("reward/mean"),
+                                                    "final_kl": last.get("kl"), "kl_coef": res.kl_coef,
+                                                    "seconds": timings["ppo"]})
+        else:
+            prefix = load_prefix(out / "prefix_ppo", model)
+            timings["ppo"] = marker.get("seconds", 0.0)
+        summary["ppo"] = {k: v for k, v in marker.items() if k != "key"}
+
+    # --- after: the final prefix on the held-out prompts ---
+    final_key = _key(ppo_key, cfg.ppo.enabled, ws_key, cfg.warm_start.enabled, base_key)
+    marker = stages.done("eval_after", final_key) if eval_prompts else None
+    if eval_prompts and marker is None:
+        t = time.perf_counter()
+        after = evaluate_reward(model, tok, prefix, eval_prompts, reward, dist=dist, **eval_kw)
+        marker = stages.finish("eval_after", final_key, after.as_dict(cfg.logging.samples))
+        timings["eval_after"] = time.perf_counter() - t
+    if marker:
+        summary["after"] = {k: v for k, v in marker.items() if k != "key"}
+        log(f"with prefix: mean reward {marker['reward_mean']:.3f}, KL to base {marker['kl_to_base']:.2f} nats/seq")
+
+    # --- stage 3: compression + export ---
+    meta = {"config_hash": _key(cfg.to_dict()), "reward": reward_names, "model": cfg.model.name,
+            "final_metrics": {k: summary.get("after", {}).get(k) for k in ("reward_mean", "kl_to_base")}}
+    final = prefix
+    comp_key = _key(final_key, asdict(cfg.compress))
+    if cfg.compress.enabled:
+        marker = stages.done("compress", comp_key)
+        if marker is None:
+            t = time.perf_counter()
+            c = cfg.compress
+            fid_prompts = eval_prompts or cfg.ppo.prompts
+            if c.rank is None and c.energy is None and c.max_kl is not None and fid_prompts:
+                comp, trail = compress_to_budget(model, tok, prefix, fid_prompts, c.max_kl, c.scope,
+                                                 chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed,
+                                                 max_new_tokens=eval_kw["max_new_tokens"])
+            else:
+                comp, trail = compress(prefix, rank=c.rank, energy=c.energy, scope=c.scope, model=model), []
+            report = {"ranks_tried": trail}
+            if fid_prompts:
+                use_reward = c.eval_reward and "before" in summary and "after" in summary
+                report.update(fidelity_report(
+                    model, tok, prefix, comp, fid_prompts, reward if use_reward else None,
+                    base_reward=summary.get("before", {}).get("reward_mean"),
+                    full_reward=summary.get("after", {}).get("reward_mean"), **eval_kw))
+            else:
+                report.update(ranks=comp.ranks, compression_ratio=comp.compression_ratio())
+            if dist.is_main:
+                comp.save(out / "prefix_compressed", {**meta, "fidelity": {k: v for k, v in report.items()
+                                                                            if k != "relative_error_per_layer"}})
+                atomic_write_json(out / "compression_report.json", report)
+            timings["compress"] = time.perf_counter() - t
+            marker = stages.finish("compress", comp_key, {"report": report, "seconds": timings["compress"]})
+        else:
+            timings["compress"] = marker.get("seconds", 0.0)
+        summary["compression"] = {k: v for k, v in marker["report"].items() if k != "relative_error_per_layer"}
+        final = load_prefix(out / "prefix_compressed", model)
+
+    if dist.is_main:
+        exports = {}
+        if "rlprefix" in cfg.export.formats:
+            if not cfg.compress.enabled:
+                prefix.save(out / "export_rlprefix", meta)
+            exports["rlprefix"] = str(out / ("prefix_compressed" if cfg.compress.enabled else "export_rlprefix"))
+        if "peft" in cfg.export.formats:
+            exports["peft"] = str(export_peft(final, model, out / "export_peft"))
+        summary["exports"] = exports
+        summary["seconds"] = timings
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_text(out / "summary.md", render_summary(summary))
+        log(f"summary: {out / 'summary.md'}")
+    return summary
+
+
+def render_summary(s: dict) -> str:
+    """A short human-readable report of a run."""
+    lines = [f"# rlprefix run: {s.get('output_dir')}", "", f"- model: `{s.get('model')}`",
+             f"- reward: `{json.dumps(s.get('reward'))}`"]
+    b, a = s.get("before"), s.get("after")
+    if b and a:
+        lines += ["", "| | mean reward | std | KL to base (nats/seq) |", "|---|---|---|---|",
+                  f"| base model | {b['reward_mean']:.3f} | {b['reward_std']:.3f} | 0 |",
+                  f"| with prefix | {a['reward_mean']:.3f} | {a['reward_std']:.3f} | {a['kl_to_base']:.2f} |"]
+    if "warm_start" in s:
+        lines += ["", f"- warm start: best eval loss {s['warm_start']['best_eval_loss']:.3f} "
+                      f"at step {s['warm_start']['best_step']}"]
+    if "ppo" in s:
+        p = s["ppo"]
+        lines += [f"- PPO: {p['steps']} steps, last training reward {p.get('final_train_reward') or 0:.3f}, "
+                  f"KL {p.get('final_kl') or 0:.2f}"]
+    c = s.get("compression")
+    if c:
+        line = (f"- compression ({c.get('scope', '')}): ranks {sorted(set(c.get('ranks', [])))}, "
+                f"{c.get('compression_ratio', 0):.1f}x smaller")
+        if "kl_per_token" in c:
+            line += f", KL/token {c['kl_per_token']:.4f}"
+        if c.get("reward_retained") is not None:
+            line += f", reward gain retained {100 * c['reward_retained']:.0f}%"
+        lines.append(line)
+    if "seconds" in s:
+        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()]
+    for title, block in (("Samples before (base model)", b), ("Samples after (with prefix)", a)):
+        if block and block.get("samples"):
+            lines += ["", f"## {title}", ""]
+            lines += [f"- ({x['reward']:+.2f}) **{x['prompt']}** {x['completion'].strip()}" for x in block["samples"]]
+    if "exports" in s:
+        lines += ["", "## Exports", ""] + [f"- {k}: `{v}`" for k, v in s["exports"].items()]
+    return "\n".join(lines) + "\n"

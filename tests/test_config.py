@@ -1,0 +1,168 @@
+"""Config validation, overrides, and whole runs end to end on a tiny model (with resume)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from rlprefix import load_prefix
+from rlprefix.cli import main
+from rlprefix.config import ConfigError, load_config
+from tiny import save_tiny
+
+REVIEWS = [{"prompt": f"review {w}", "completion": f"{w} is good great love"} for w in
+           ["film", "food", "phone", "hotel", "park", "room", "staff", "actors"]]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_run_config(tmp_path, **over):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    data = write_jsonl(tmp_path / "reviews.jsonl", REVIEWS)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in REVIEWS])
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": model_dir},
+        "prefix": {"length": 4, "kind": "mlp", "init": "text", "init_text": "good review", "mlp_hidden": 32},
+        "reward": {"name": "keywords", "words": ["good", "great"]},
+        "warm_start": {"data": data, "steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 2},
+        "ppo": {"prompts": prompts, "steps": 3, "batch_size": 4, "minibatch_size": 2, "epochs": 1,
+                "max_new_tokens": 6, "checkpoint_every": 1, "eval_samples_per_prompt": 1},
+        "compress": {"max_kl": 10.0},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config({"warm_start": {"data": "x"}, "ppo": {"prompts": "y"}},
+                      ["ppo.steps=50", "reward.name=similarity", "ppo.kl_target=6", "compress.rank=null"])
+    assert cfg.ppo.steps == 50 and cfg.reward["name"] == "similarity"
+    assert cfg.ppo.kl_target == 6.0 and isinstance(cfg.ppo.kl_target, float)
+    assert cfg.prefix.length == 10 and cfg.compress.rank is None
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"ppo": {"step": 5}}, r"unknown config key 'ppo.step'; did you mean ppo.steps\?"),
+    ({"promt": 1}, r"unknown config key 'promt'"),
+    ({"ppo": {"lr": "fast"}}, r"ppo.lr: 'fast' is not float"),
+    ({"ppo": {"lr": -1}}, r"ppo.lr: -1.0 is out of range \(must be > 0\)"),
+    ({"prefix": {"kind": "lora"}}, r"prefix.kind: 'lora' is not one of 'mlp', 'kv', 'prompt'"),
+    ({"ppo": {"batch_size": 6, "minibatch_size": 4}}, r"ppo.batch_size: 6 must be a multiple"),
+    ({"warm_start": {"data": None}}, r"warm_start.data: required"),
+    ({"ppo": {"reference": "sft"}}, r"ppo.reference: 'sft' is not one of base, initial"),
+    ({"export": {"formats": ["onnx"]}}, r"export.formats: \['onnx'\] not allowed"),
+    ({"ppo": "fast"}, r"ppo: expected a mapping"),
+])
+def test_validation_errors_name_the_key(raw, message):
+    base = {"warm_start": {"data": "x"}, "ppo": {"prompts": "y"}}
+    for k, v in raw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    with pytest.raises(ConfigError, match=message):
+        load_config(base)
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_repo_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"quickstart.yaml", "sentiment.yaml"} <= set(names) and len(names) >= 4
+    for p in root.glob("*.yaml"):
+        cfg = load_config(p)
+        for path in (cfg.warm_start.data if cfg.warm_start.enabled else None, cfg.ppo.prompts, cfg.ppo.eval_prompts):
+            assert path is None or Path(path).exists(), (p.name, path)
+
+
+def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
+    path = tiny_run_config(tmp_path)
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "summary.json", "summary.md", "warm_start/warmstart_metrics.jsonl",
+                 "warm_start/warmstart_curves.png", "ppo/ppo_metrics.jsonl", "ppo/ppo_curves.png",
+                 "prefix_warmstart/manifest.json", "prefix_ppo/manifest.json", "prefix_compressed/manifest.json",
+                 "export_peft/adapter_config.json", "compression_report.json"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
+    assert summary["ppo"]["steps"] == 3 == len(metrics)
+    assert summary["ppo"]["final_train_reward"] == pytest.approx(metrics[-1]["reward/mean"])
+    assert summary["before"]["n"] == summary["after"]["n"] == 8
+    assert summary["compression"]["compression_ratio"] >= 1.0
+    assert "| base model |" in (run / "summary.md").read_text()
+    final = load_prefix(run / "prefix_ppo").kv.clone()
+
+    # a second run with the same config skips every finished stage
+    import rlprefix.warmstart as ws
+    import rlprefix.ppo as ppo_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(ws, "warm_start", boom)
+    monkeypatch.setattr(ppo_mod, "ppo", boom)
+    assert main(["run", str(path)]) == 0
+    assert torch.equal(load_prefix(run / "prefix_ppo").kv, final)
+
+
+def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
+    path = tiny_run_config(tmp_path)
+    assert main(["run", str(path), f"output_dir={tmp_path / 'full'}"]) == 0
+    import rlprefix.ppo as ppo_mod
+
+    real, calls = ppo_mod.sample, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside PPO step 3 (after the checkpoint of step 2)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo_mod, "sample", dies)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(path), f"output_dir={tmp_path / 'cut'}"])
+    monkeypatch.setattr(ppo_mod, "sample", real)
+    assert (tmp_path / "cut" / "stages" / "warm_start.json").exists()
+    assert not (tmp_path / "cut" / "stages" / "ppo.json").exists()
+    assert main(["run", str(path), f"output_dir={tmp_path / 'cut'}"]) == 0
+    a = load_prefix(tmp_path / "full" / "prefix_ppo").kv
+    b = load_prefix(tmp_path / "cut" / "prefix_ppo").kv
+    assert torch.equal(a, b)
+
+
+def test_cli_info_generate_export_compress(tmp_path, capsys):
+    path = tiny_run_config(tmp_path, ppo={"enabled": False}, compress={"enabled": False},
+                           warm_start={"steps": 2})
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "run"
+    model_dir = str(tmp_path / "model")
+    assert main(["info", str(run / "prefix_warmstart")]) == 0
+    assert "kind kv, length 4" in capsys.readouterr().out
+    assert main(["generate", "--prefix", str(run / "prefix_warmstart"), "--model", model_dir, "--prompt", "hello",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "hello"
+    assert main(["compress", str(run / "prefix_warmstart"), "--out", str(tmp_path / "c"), "--rank", "2",
+                 "--model", model_dir]) == 0
+    assert main(["info", str(tmp_path / "c")]) == 0
+    assert "low rank (shared): ranks [2]" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "c"), "--format", "peft", "--out", str(tmp_path / "p"),
+                 "--model", model_dir]) == 0
+    assert (tmp_path / "p" / "adapter_model.safetensors").exists()
+    assert main(["info", str(tmp_path / "nothing")]) == 2
