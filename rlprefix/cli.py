@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .compress import compress, compress_to_budget, fidelity_report
+    from .lowrank import compress, compress_to_budget, fidelity_report
     from .io import load_prefix
     from .modeling import load_model
 

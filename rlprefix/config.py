@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from .modeling import DEFAULT_MODEL
-from .ppo import PPOConfig
+from .rl import PPOConfig
 from .warmstart import WarmStartConfig
 
 

@@ -185,7 +185,7 @@ def save_prefix(prefix, path, metadata: dict | None = None, name_or_path: str | 
 
 def load_prefix(path, model=None):
     """Load a saved prefix; with `model`, check it was made for this architecture and move it to its device."""
-    from .compress import CompressedPrefix
+    from .lowrank import CompressedPrefix
     from .modeling import KVSpec
     from .prefix import Prefix
 

@@ -51,13 +51,13 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Run every enabled stage of `cfg`; returns the summary (also written to summary.json / summary.md)."""
     from rewards import build_reward
 
-    from .compress import compress, compress_to_budget, fidelity_report
+    from .lowrank import compress, compress_to_budget, fidelity_report
     from .distributed import Dist
     from .evaluate import evaluate_reward
     from .io import load_prefix
     from .modeling import load_model
     from .peft_export import export_peft
-    from .ppo import PPOConfig, ppo
+    from .rl import PPOConfig, ppo
     from .prefix import Prefix
     from .warmstart import WarmStartConfig, warm_start
 

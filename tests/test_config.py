@@ -111,7 +111,7 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
 
     # a second run with the same config skips every finished stage
     import rlprefix.warmstart as ws
-    import rlprefix.ppo as ppo_mod
+    import rlprefix.rl as ppo_mod
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
@@ -125,7 +125,7 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
 def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
     path = tiny_run_config(tmp_path)
     assert main(["run", str(path), f"output_dir={tmp_path / 'full'}"]) == 0
-    import rlprefix.ppo as ppo_mod
+    import rlprefix.rl as ppo_mod
 
     real, calls = ppo_mod.sample, {"n": 0}
 

@@ -1,0 +1,38 @@
+"""Reward-driven prefix tuning from Python with your own reward function.
+
+The reward follows TRL's contract: reward(prompts, completions, **columns) -> list[float]. Here it
+rewards answers that mention the season a prompt asks about and stay short. Runs on CPU in a few minutes:
+
+    python examples/custom_reward.py
+"""
+import torch
+
+import rlprefix
+from rlprefix.evaluate import evaluate_reward
+from rlprefix.rl import PPOConfig
+
+
+def season_reward(prompts, completions, season, **kw):
+    """+1 if the completion names the season from the `season` column, minus a little per extra word."""
+    return [float(s.lower() in c.lower()) - 0.01 * max(0, len(c.split()) - 20) for c, s in zip(completions, season)]
+
+
+def main():
+    torch.manual_seed(0)
+    model, tokenizer = rlprefix.load_model()  # the embedded SmolLM2-135M-Instruct
+    prompts = [{"prompt": f"Describe a walk in the park in {s}.", "season": s}
+               for s in ("spring", "summer", "autumn", "winter")] * 4
+    prefix = rlprefix.Prefix.from_text(model, tokenizer, "Mention the season.", length=8, kind="kv")
+
+    before = evaluate_reward(model, tokenizer, None, prompts[:4], season_reward, samples_per_prompt=4)
+    result = rlprefix.ppo(model, tokenizer, prefix, prompts, season_reward,
+                          PPOConfig(steps=6, batch_size=16, minibatch_size=8, lr=1e-2, max_new_tokens=40))
+    after = evaluate_reward(model, tokenizer, result.prefix, prompts[:4], season_reward, samples_per_prompt=4)
+    print(f"mean reward: base {before.mean:.3f} -> with prefix {after.mean:.3f} (KL {after.kl:.2f} nats/seq)")
+    for p, c in zip(after.prompts[::4], after.completions[::4]):
+        print(f"- {p}\n  {c.strip()}")
+    result.prefix.save("runs/season_prefix", {"reward": ["season_reward"], "model": "smollm2-135m-instruct"})
+
+
+if __name__ == "__main__":
+    main()
