@@ -28,6 +28,7 @@ class Scorer:
         self.name = name or getattr(reward, "__name__", type(reward).__name__)
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
         self.invalid_total = 0
+        self.gather = None  # set by data-parallel training: running stats then use the global batch
 
     def _fail(self, what: str, prompts, completions, index: int | None):
         sample = ""
@@ -66,7 +67,7 @@ class Scorer:
         if self.clip is not None:
             r = r.clamp(-self.clip, self.clip)
         if self.normalize:
-            self.update_stats(r)
+            self.update_stats(torch.tensor(self.gather(r.tolist())) if self.gather else r)
             r = (r - self.mean) / (math.sqrt(self.m2 / max(self.count - 1, 1)) + 1e-8)
         return r, metrics
 

@@ -24,7 +24,8 @@ class Dist:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and tdist.is_available() and not tdist.is_initialized():
             from accelerate import PartialState
 
-            PartialState()  # initialises the process group from the launcher's environment
+            # initialises the process group from the launcher's environment (nccl on GPUs, gloo on CPUs)
+            PartialState(cpu=not torch.cuda.is_available())
         return cls()
 
     @property
@@ -36,13 +37,31 @@ class Dist:
             tdist.all_reduce(t)
         return t
 
-    def all_reduce_grads(self, params) -> None:
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def sum_grads(self, params) -> None:
+        """Sum gradients over processes (losses are already normalised by global counts)."""
         if not self.enabled:
             return
         for p in params:
-            if p.grad is not None:
-                tdist.all_reduce(p.grad)
-                p.grad /= self.world_size
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            tdist.all_reduce(p.grad)
+
+    def sum(self, x: float) -> float:
+        if not self.enabled:
+            return float(x)
+        return self._reduce(torch.tensor([float(x)], dtype=torch.float64)).item()
+
+    def max(self, x: float) -> float:
+        if not self.enabled:
+            return float(x)
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t.item()
 
     def mean(self, x: float) -> float:
         if not self.enabled:

@@ -41,9 +41,9 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
 
     ds = load_records(prompts)
     rows = [ds[i] for i in range(len(ds)) for _ in range(samples_per_prompt)]
+    seeds = [seed * 1_000_003 + i for i in range(len(rows))]  # one stream per sample, whatever the batching
     if dist is not None and dist.world_size > 1:
-        rows = rows[dist.rank::dist.world_size]
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+        rows, seeds = rows[dist.rank::dist.world_size], seeds[dist.rank::dist.world_size]
     kv = prefix_kv(model, prefix)
     scorer = reward if isinstance(reward, Scorer) else Scorer(reward)
     rewards, texts, kls = [], [], []
@@ -53,7 +53,7 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
         cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
         ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
         roll = sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, generator=gen)
+                      top_k=top_k, top_p=top_p, row_seeds=seeds[i:i + batch_size])
         values, _ = scorer(p, roll.texts, **cols)
         rewards += values.tolist()
         texts += roll.texts

@@ -84,8 +84,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
            max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None,
-           kv: torch.Tensor | None = None, decode: bool = True, return_hidden: bool = False) -> Rollout:
-    """Sample completions for a batch of left-padded prompts, with the prefix shared across the batch."""
+           kv: torch.Tensor | None = None, decode: bool = True, return_hidden: bool = False,
+           row_seeds: list[int] | None = None) -> Rollout:
+    """Sample completions for a batch of left-padded prompts, with the prefix shared across the batch.
+
+    Randomness comes from `generator`, or, with `row_seeds`, from one generator per row: then each row's
+    sample depends only on its own seed, not on which other rows share the batch (or the process).
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     device = model.device
@@ -101,6 +106,11 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     attn = torch.cat([prompt_mask.new_ones(batch, length), prompt_mask], dim=1)
     pos = position_ids(prompt_mask, length)
     inputs = prompt_ids
+    row_gens = None
+    if row_seeds is not None:
+        if len(row_seeds) != batch:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
+        row_gens = [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, alive, hiddens = [], [], [], []
     for step in range(max_new_tokens):
@@ -114,7 +124,12 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             logits[:, stop] = float("-inf")
         if do_sample:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if row_gens is not None:  # inverse-CDF sampling with one uniform draw per row from its own stream
+                u = torch.cat([torch.rand(1, generator=g) for g in row_gens]).to(device)
+                cdf = probs.cumsum(-1)
+                nxt = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
         lp = logprobs_of(logits, nxt, temperature)

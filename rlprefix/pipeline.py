@@ -26,8 +26,8 @@ def _device(name: str) -> str:
 class Stages:
     """Markers of finished stages (JSON), keyed to the part of the config each stage depends on."""
 
-    def __init__(self, out: Path, is_main: bool):
-        self.dir, self.is_main = out / "stages", is_main
+    def __init__(self, out: Path, dist):
+        self.dir, self.dist = out / "stages", dist
 
     def done(self, name: str, key: str) -> dict | None:
         path = self.dir / f"{name}.json"
@@ -38,8 +38,9 @@ class Stages:
 
     def finish(self, name: str, key: str, info: dict) -> dict:
         marker = {"key": key, **info}
-        if self.is_main:
+        if self.dist.is_main:
             atomic_write_json(self.dir / f"{name}.json", marker)
+        self.dist.barrier()  # other processes may read what the main process wrote for this stage
         return marker
 
 
@@ -64,7 +65,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, dist.is_main)
+    stages = Stages(out, dist)
     if dist.is_main:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     timings: dict[str, float] = {}
@@ -120,7 +121,7 @@ def run(cfg: RunConfig, log=print) -> dict:
             ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
             ws_cfg.progress = cfg.logging.progress
             res = warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg, eval_dataset=cfg.warm_start.eval_data,
-                             output_dir=out / "warm_start", is_main=dist.is_main)
+                             output_dir=out / "warm_start", dist=dist)
             prefix = res.prefix
             if dist.is_main:
                 prefix.save(out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss})

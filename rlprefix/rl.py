@@ -109,6 +109,12 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n / self.horizon
 
 
+def _row_seed(seed: int, step: int, row: int) -> int:
+    """A seed for one global batch row at one step: rollouts do not depend on how rows are split over
+    processes, and resuming needs no RNG state for sampling."""
+    return (seed * 1_000_003 + step) * 1_000_033 + row
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -173,6 +179,8 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         reward, on_error=cfg.on_reward_error, penalty=cfg.reward_penalty, clip=cfg.reward_clip,
         normalize=cfg.reward_normalize)
 
+    if dist.world_size > 1:
+        scorer.gather = dist.gather_floats  # reward normalisation uses global statistics
     prefix.to(device)
     ref_kv = prefix.key_values(model).detach().clone() if cfg.reference == "initial" and prefix.length else None
     torch.manual_seed(cfg.seed)  # before the value head, whose init must not depend on earlier work
@@ -183,8 +191,6 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
                           "name": "prefix"})
     opt = torch.optim.Adam(groups, eps=1e-5)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist.rank)  # sampling
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)                # minibatch order
     step, history = 0, []
     out = Path(output_dir) if output_dir else None
     cfg_hash = _config_hash(cfg, prefix, len(ds))
@@ -203,9 +209,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
             if ref_kv is not None:
                 ref_kv = tensors["ref_kv"].to(device)
             load_optimizer_state(opt, tensors, meta["optimizer"])
-            load_rng_state(tensors, meta["rng"], {"sample": gen, "shuffle": shuffle_gen})
-            if dist.world_size > 1 and f"rng.gen.sample.{dist.rank}" in tensors:
-                gen.set_state(tensors[f"rng.gen.sample.{dist.rank}"])
+            load_rng_state(tensors, meta["rng"])
             kl_ctl.value = meta["kl_coef"]
             scorer.load_state_dict(meta["scorer"])
             step, history = meta["step"], meta["history"]
@@ -214,13 +218,11 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     def checkpoint():
         if out is None:
             return
-        gen_states = dist.gather_tensor(gen.get_state())  # every rank's sampling RNG
         if not dist.is_main:
             return
         t_opt, m_opt = optimizer_state(opt)
-        t_rng, m_rng = rng_state({"sample": gen, "shuffle": shuffle_gen})
-        tensors = {**module_tensors(prefix, "prefix"), **module_tensors(value_head, "value_head"), **t_opt, **t_rng,
-                   **{f"rng.gen.sample.{r}": s for r, s in enumerate(gen_states)}}
+        t_rng, m_rng = rng_state()
+        tensors = {**module_tensors(prefix, "prefix"), **module_tensors(value_head, "value_head"), **t_opt, **t_rng}
         if ref_kv is not None:
             tensors["ref_kv"] = ref_kv
         save_checkpoint(out / "ppo_checkpoint", tensors, {
@@ -228,10 +230,9 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
             "scorer": scorer.state_dict(), "config_hash": cfg_hash, "world_size": dist.world_size})
 
     local_batch = cfg.batch_size // dist.world_size
-    if cfg.batch_size % dist.world_size or local_batch % max(1, cfg.minibatch_size // dist.world_size):
-        raise ValueError(f"ppo.batch_size {cfg.batch_size} and minibatch_size {cfg.minibatch_size} must divide "
-                         f"evenly over {dist.world_size} processes")
-    local_mb = max(1, cfg.minibatch_size // dist.world_size)
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"ppo.batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes")
+    first_row = dist.rank * local_batch  # this process owns global rows [first_row, first_row + local_batch)
     per_epoch = max(1, len(ds) // cfg.batch_size)
     bar = tqdm(total=cfg.steps, initial=step, desc="ppo", disable=not (cfg.progress and dist.is_main))
     while step < cfg.steps:
@@ -240,7 +241,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         epoch, slot = divmod(step, per_epoch)
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
         idx = [order[(slot * cfg.batch_size + i) % len(ds)] for i in range(cfg.batch_size)]
-        idx = idx[dist.rank * local_batch:(dist.rank + 1) * local_batch]
+        idx = idx[first_row:first_row + local_batch]
         rows = ds.select(idx)
         batch_prompts = list(rows["prompt"])
         batch_columns = {c: list(rows[c]) for c in columns}
@@ -252,7 +253,8 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
             kv = prefix.key_values(model) if prefix.length else None
             roll = sample(model, tokenizer, prompt_ids, prompt_mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
                           min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                          top_p=cfg.top_p, generator=gen, return_hidden=True)
+                          top_p=cfg.top_p, return_hidden=True,
+                          row_seeds=[_row_seed(cfg.seed, step, first_row + i) for i in range(local_batch)])
         t_gen = time.perf_counter()
 
         # --- 3. score the completions (reward hygiene in Scorer) ---
@@ -287,42 +289,57 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
                                                          "ratio_max_dev")}
         early_stopped = False
         for epoch_i in range(cfg.epochs):
-            perm = torch.randperm(local_batch, generator=shuffle_gen)
-            for start in range(0, local_batch, local_mb):
-                mb = perm[start:start + local_mb].to(device)
+            # one permutation of the *global* batch, the same on every process; each process takes the rows
+            # of each minibatch that it owns, and losses are normalised by the minibatch's global token
+            # count, so summed gradients equal those of a single process holding the whole batch.
+            perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(
+                _row_seed(cfg.seed, step, 10_000_019 + epoch_i)))
+            for start in range(0, cfg.batch_size, cfg.minibatch_size):
+                rows = perm[start:start + cfg.minibatch_size]
+                mb = (rows[(rows >= first_row) & (rows < first_row + local_batch)] - first_row).to(device)
                 m = mask[mb]
-                new = score_completions(model, roll.prompt_ids[mb], roll.prompt_mask[mb], roll.completion_ids[mb],
-                                        roll.completion_mask[mb], prefix, temperature=cfg.temperature,
-                                        output_hidden=True)
-                values = value_head(new.hidden.detach())
-                logratio = (new.logprobs - old_logprobs[mb]) * m
+                n_tokens = dist.sum(m.sum().item())
+                if len(mb):
+                    new = score_completions(model, roll.prompt_ids[mb], roll.prompt_mask[mb],
+                                            roll.completion_ids[mb], roll.completion_mask[mb], prefix,
+                                            temperature=cfg.temperature, output_hidden=True)
+                    values = value_head(new.hidden.detach())
+                    logratio = (new.logprobs - old_logprobs[mb]) * m
+                    entropy_tok = entropy_of(new.logits, cfg.temperature)
+                else:  # this process owns no row of this minibatch: contribute zero gradients
+                    values = logratio = entropy_tok = m
                 ratio = logratio.exp()
                 adv = advantages[mb]
-                pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range,
-                                                                                  1 + cfg.clip_range)), m)
+
+                def token_sum(x):  # sum over this process's tokens / tokens of the whole minibatch
+                    return (x * m).sum() / max(n_tokens, 1.0)
+
+                pg_loss = token_sum(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range,
+                                                                               1 + cfg.clip_range)))
                 if cfg.clip_range_value is not None:
                     v_clipped = old_values[mb] + (values - old_values[mb]).clamp(-cfg.clip_range_value,
                                                                                  cfg.clip_range_value)
-                    vf_loss = 0.5 * masked_mean(torch.max((values - returns[mb]) ** 2,
-                                                          (v_clipped - returns[mb]) ** 2), m)
+                    vf_loss = 0.5 * token_sum(torch.max((values - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2))
                 else:
-                    vf_loss = 0.5 * masked_mean((values - returns[mb]) ** 2, m)
-                entropy = masked_mean(entropy_of(new.logits, cfg.temperature), m)
+                    vf_loss = 0.5 * token_sum((values - returns[mb]) ** 2)
+                entropy = token_sum(entropy_tok)
                 loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * vf_loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                dist.all_reduce_grads([p for g in groups for p in g["params"]])
+                if len(mb):
+                    loss.backward()
+                dist.sum_grads([p for g in groups for p in g["params"]])
                 for g in groups:
                     torch.nn.utils.clip_grad_norm_(g["params"], cfg.max_grad_norm)
                 opt.step()
                 with torch.no_grad():
-                    approx_kl = dist.mean(masked_mean((ratio - 1) - logratio, m).item())
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["entropy"].append(entropy.item())
+                    approx_kl = dist.sum(token_sum((ratio - 1) - logratio).item())
+                    stats["pg_loss"].append(dist.sum(pg_loss.item()))
+                    stats["vf_loss"].append(dist.sum(vf_loss.item()))
+                    stats["entropy"].append(dist.sum(entropy.item()))
                     stats["approx_kl"].append(approx_kl)
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), m).item())
-                    stats["ratio_max_dev"].append(((ratio - 1).abs() * m).max().item())
+                    stats["clipfrac"].append(dist.sum(token_sum(((ratio - 1).abs() > cfg.clip_range).float()).item()))
+                    dev = ((ratio - 1).abs() * m).max().item() if len(mb) else 0.0
+                    stats["ratio_max_dev"].append(dist.max(dev))
                 if cfg.target_kl_stop is not None and approx_kl > cfg.target_kl_stop:
                     early_stopped = True
                     break

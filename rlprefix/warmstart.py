@@ -93,12 +93,16 @@ def completion_nll(model, prefix, batch: dict, precision: str = "fp32") -> tuple
 
 @torch.no_grad()
 def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_size: int = 16,
-                  precision: str = "fp32") -> float:
-    """Mean per-token NLL of completions (exp of it is the perplexity)."""
+                  precision: str = "fp32", dist=None) -> float:
+    """Mean per-token NLL of completions (exp of it is the perplexity); sharded over processes with `dist`."""
+    if dist is not None and dist.world_size > 1:
+        examples = examples[dist.rank::dist.world_size]
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         nll, n = completion_nll(model, prefix, collate_sft(examples[i:i + batch_size], pad_id), precision)
         total, count = total + nll.item(), count + n
+    if dist is not None:
+        total, count = dist.sum(total), dist.sum(count)
     return total / max(count, 1)
 
 
@@ -115,9 +119,17 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfig | None = None, *,
                eval_dataset=None, output_dir: str | Path | None = None, resume: bool = True,
-               is_main: bool = True) -> WarmStartResult:
-    """Train `prefix` (in place) on `dataset` rows of prompt/completion (or chat messages); see WarmStartConfig."""
+               dist=None) -> WarmStartResult:
+    """Train `prefix` (in place) on `dataset` rows of prompt/completion (or chat messages); see WarmStartConfig.
+
+    With `dist` (several processes), each micro-batch is split across processes, the loss is normalised by the
+    micro-batches' global token count and gradients are summed: the same update as one process.
+    """
+    from .distributed import Dist
+
     cfg = config or WarmStartConfig()
+    dist = dist or Dist()
+    is_main = dist.is_main
     torch.manual_seed(cfg.seed)
     device = model.device
     prefix.to(device).train()
@@ -178,19 +190,25 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
             start = (m % micro_per_epoch) * cfg.batch_size
             batches.append(collate_sft([train[i] for i in order[start:start + cfg.batch_size]], pad_id))
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if dist.world_size > 1:  # this process's share of every micro-batch
+            batches = [{k: v[dist.rank::dist.world_size] for k, v in b.items()} for b in batches]
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for b in batches:
+            if len(b["input_ids"]) == 0:
+                continue
             nll, _ = completion_nll(model, prefix, b, cfg.precision)
             (nll / n_tokens).backward()
             loss_sum += nll.item()
+        dist.sum_grads(list(prefix.parameters()))
+        loss_sum = dist.sum(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(prefix.parameters(), cfg.max_grad_norm).item()
         opt.step()
         step += 1
         record = {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                   "epoch": micro[-1] / micro_per_epoch, "time/step": time.perf_counter() - t_step}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            eval_loss = evaluate_loss(model, prefix, evals, pad_id, precision=cfg.precision)
+            eval_loss = evaluate_loss(model, prefix, evals, pad_id, precision=cfg.precision, dist=dist)
             record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
             if eval_loss < best_loss:
                 best_loss, best_step, evals_since_best = eval_loss, step, 0

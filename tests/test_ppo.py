@@ -64,8 +64,8 @@ def test_toy_reward_rises(arch, kind, lr, rank):
     res = ppo(model, tok, prefix, PROMPTS, token_reward(target),
               cfg(steps=40, batch_size=16, minibatch_size=8, epochs=4, max_new_tokens=8, lr=lr))
     rewards = [h["reward/mean"] for h in res.history]
-    start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
-    assert end > 0.3 and end > 2 * start, rewards
+    start, end = rewards[0], sum(rewards[-5:]) / 5  # step 1 is sampled before any update
+    assert end > 0.3 and end > 3 * start, rewards
 
 
 def test_kl_is_zero_when_prefix_is_off_for_both():
