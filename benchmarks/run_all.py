@@ -17,6 +17,7 @@ STEPS = [
     ["benchmarks/ppo_vs_trl.py", "--batch", "16", "--tokens", "32", "--steps", "4"],
     ["benchmarks/sentiment_demo.py"],
     ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo", "--scopes", "shared", "matrix", "whole"],
+    ["benchmarks/distributed_overhead.py"],
 ]
 
 
@@ -62,6 +63,11 @@ def render() -> str:
                 f"Base reward {c['base_reward']:.3f}, full prefix {c['full_reward']:.3f}; KL/token between next-token "
                 f"distributions of the full and compressed prefix along the full prefix's samples; `{c['command']}`", "",
                 c["table_md"]]
+    dd = load("distributed_overhead")
+    if dd:
+        out += ["## Data-parallel overhead (CPU, gloo)", "",
+                f"PPO on the real default model, same global batch; `{dd['command']}`. Multi-GPU scaling was not "
+                "measured: no multi-GPU machine was available.", "", dd["table_md"]]
     if m:
         out += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, threads {m['torch_threads']}, "
                     f"GPU: {m['cuda'] or 'none'}; commit {m['commit']}."]

@@ -83,6 +83,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | 
     return load_tensors(path / STATE_TENSORS), read_json(path / STATE_JSON)
 
 
+def resume_checkpoint(path: str | Path, config_hash: str, what: str) -> tuple[dict, dict] | None:
+    """Load a stage checkpoint if there is one, refusing one written by another config or dataset."""
+    ckpt = load_checkpoint(path)
+    if ckpt is not None and ckpt[1].get("config_hash") != config_hash:
+        raise ValueError(f"{path} was written by a different {what}; use a new output dir or delete the "
+                         f"checkpoint to start over")
+    return ckpt
+
+
 def module_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 

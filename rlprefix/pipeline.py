@@ -99,18 +99,23 @@ def run(cfg: RunConfig, log=print) -> dict:
                                   generator=torch.Generator().manual_seed(cfg.seed))
     prefix_key = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed)
 
+    def held_out_eval(name: str, key: str, with_prefix) -> dict | None:
+        """Reward (and KL) on the held-out prompts, cached in a stage marker."""
+        marker = stages.done(name, key) if eval_prompts else None
+        if eval_prompts and marker is None:
+            t = time.perf_counter()
+            res = evaluate_reward(model, tok, with_prefix, eval_prompts, reward, dist=dist, **eval_kw)
+            marker = stages.finish(name, key, res.as_dict(cfg.logging.samples))
+            timings[name] = time.perf_counter() - t
+        return {k: v for k, v in marker.items() if k != "key"} if marker else None
+
     # --- baseline: the frozen model without prefix on the held-out prompts ---
     summary: dict = {"model": cfg.model.name, "reward": cfg.reward, "output_dir": str(out)}
     base_key = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw)
-    marker = stages.done("eval_base", base_key) if eval_prompts else None
-    if eval_prompts and marker is None:
-        t = time.perf_counter()
-        base = evaluate_reward(model, tok, None, eval_prompts, reward, dist=dist, **eval_kw)
-        marker = stages.finish("eval_base", base_key, base.as_dict(cfg.logging.samples))
-        timings["eval_base"] = time.perf_counter() - t
-    if marker:
-        summary["before"] = {k: v for k, v in marker.items() if k != "key"}
-        log(f"base model: mean reward {marker['reward_mean']:.3f} on {marker['n']} held-out samples")
+    before = held_out_eval("eval_base", base_key, None)
+    if before:
+        summary["before"] = before
+        log(f"base model: mean reward {before['reward_mean']:.3f} on {before['n']} held-out samples")
 
     # --- stage 1: warm start ---
     ws_key = _key(prefix_key, asdict(cfg.warm_start))
@@ -162,15 +167,10 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     # --- after: the final prefix on the held-out prompts ---
     final_key = _key(ppo_key, cfg.ppo.enabled, ws_key, cfg.warm_start.enabled, base_key)
-    marker = stages.done("eval_after", final_key) if eval_prompts else None
-    if eval_prompts and marker is None:
-        t = time.perf_counter()
-        after = evaluate_reward(model, tok, prefix, eval_prompts, reward, dist=dist, **eval_kw)
-        marker = stages.finish("eval_after", final_key, after.as_dict(cfg.logging.samples))
-        timings["eval_after"] = time.perf_counter() - t
-    if marker:
-        summary["after"] = {k: v for k, v in marker.items() if k != "key"}
-        log(f"with prefix: mean reward {marker['reward_mean']:.3f}, KL to base {marker['kl_to_base']:.2f} nats/seq")
+    after = held_out_eval("eval_after", final_key, prefix)
+    if after:
+        summary["after"] = after
+        log(f"with prefix: mean reward {after['reward_mean']:.3f}, KL to base {after['kl_to_base']:.2f} nats/seq")
 
     # --- stage 3: compression + export ---
     meta = {"config_hash": _key(cfg.to_dict()), "reward": reward_names, "model": cfg.model.name,

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (load_checkpoint, load_module_tensors, load_optimizer_state, load_rng_state,
-                         module_tensors, optimizer_state, rng_state, save_checkpoint)
+from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
+                         module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
 from .data import load_records, require_columns
 from .generation import encode_prompts, sample
 from .metrics import MetricLogger, plot_metrics
@@ -195,12 +195,9 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     out = Path(output_dir) if output_dir else None
     cfg_hash = _config_hash(cfg, prefix, len(ds))
     if out is not None and resume:
-        ckpt = load_checkpoint(out / "ppo_checkpoint")
+        ckpt = resume_checkpoint(out / "ppo_checkpoint", cfg_hash, "PPO config or prompt set")
         if ckpt is not None:
             tensors, meta = ckpt
-            if meta.get("config_hash") != cfg_hash:
-                raise ValueError(f"{out / 'ppo_checkpoint'} was written by a different PPO config or prompt set; "
-                                 f"use a new output dir or delete the checkpoint to start over")
             if meta.get("world_size", 1) != dist.world_size:
                 raise ValueError(f"checkpoint was written with {meta.get('world_size')} processes; resume with the "
                                  f"same number (now {dist.world_size})")

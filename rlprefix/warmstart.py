@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (load_checkpoint, load_module_tensors, load_optimizer_state, load_rng_state,
-                         module_tensors, optimizer_state, rng_state, save_checkpoint)
+from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
+                         module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
 from .data import SFTExample, collate_sft, load_records, tokenize_sft
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
@@ -150,12 +150,9 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     best_state = {k: v.detach().clone() for k, v in prefix.state_dict().items()}
     cfg_hash = _config_hash(cfg, prefix, len(train))
     if out is not None and resume:
-        ckpt = load_checkpoint(out / "checkpoint")
+        ckpt = resume_checkpoint(out / "checkpoint", cfg_hash, "warm-start config or dataset")
         if ckpt is not None:
             tensors, meta = ckpt
-            if meta.get("config_hash") != cfg_hash:
-                raise ValueError(f"{out / 'checkpoint'} was written by a different warm-start config or dataset; "
-                                 f"use a new output dir or delete the checkpoint to start over")
             load_module_tensors(prefix, tensors, "prefix")
             load_optimizer_state(opt, tensors, meta["optimizer"])
             load_rng_state(tensors, meta["rng"])
