@@ -92,12 +92,16 @@ def cmd_compress(args) -> int:
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
+    anchor = False if args.no_anchor else "auto"
     if args.max_kl is not None:
         if not args.prompts:
             raise SystemExit("error: --max-kl needs --prompts to measure KL on")
-        comp, trail = compress_to_budget(model, tok, prefix, args.prompts, args.max_kl, args.scope)
+        comp, trail = compress_to_budget(model, tok, prefix, args.prompts, args.max_kl, args.scope, anchor=anchor,
+                                         dtype=args.dtype_store)
     else:
-        comp, trail = compress(prefix, rank=args.rank, energy=args.energy, scope=args.scope, model=model), []
+        comp = compress(prefix, rank=args.rank, energy=args.energy, scope=args.scope, model=model, anchor=anchor,
+                        dtype=args.dtype_store)
+        trail = []
     meta = dict(getattr(prefix, "manifest", {}).get("provenance", {}))
     report = {"ranks": comp.ranks, "compression_ratio": comp.compression_ratio(), "bytes": comp.nbytes(),
               "ranks_tried": trail}
@@ -140,8 +144,10 @@ def cmd_info(args) -> int:
     if "ranks" in cfg:
         full = m["num_layers"] * 2 * manifest["length"] * m["num_kv_heads"] * m["head_dim"]
         n = sum(r * (rows + cols) for rows, r, cols in cfg["shapes"])
-        print(f"  low rank ({cfg['scope']}): ranks {sorted(set(cfg['ranks']))}, {n} parameters vs {full} "
-              f"({full / n:.1f}x smaller)")
+        size = {"float32": 4}.get(cfg.get("dtype", "float32"), 2)
+        anchor = f", anchored on {len(cfg['anchor_ids'])} token ids" if cfg.get("anchor_ids") else ""
+        print(f"  low rank ({cfg['scope']}{anchor}): ranks {sorted(set(cfg['ranks']))}, {n} {cfg.get('dtype', 'float32')}"
+              f" parameters vs {full} float32 ({full * 4 / max(n * size, 1):.1f}x smaller)")
     prov = manifest.get("provenance", {})
     if prov:
         print("  provenance: " + json.dumps(prov)[:400])
@@ -194,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="low-rank factorise a saved prefix")
     c.add_argument("prefix")
     c.add_argument("--out", required=True)
-    c.add_argument("--scope", default="shared", choices=["shared", "matrix", "whole"])
+    c.add_argument("--scope", default="matrix", choices=["shared", "matrix", "whole"])
+    c.add_argument("--store-dtype", dest="dtype_store", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the stored factors")
+    c.add_argument("--no-anchor", action="store_true",
+                   help="factorise the whole K/V, not only the change from the init text's K/V")
     group = c.add_mutually_exclusive_group()
     group.add_argument("--rank", type=int)
     group.add_argument("--energy", type=float, help="keep this fraction of spectral energy")

@@ -57,7 +57,9 @@ class PPOSection(PPOConfig):
 @dataclass
 class CompressSection:
     enabled: bool = True
-    scope: Literal["shared", "matrix", "whole"] = "shared"
+    scope: Literal["shared", "matrix", "whole"] = "matrix"
+    anchor: bool = True                    # factorise only the change from the init text's K/V (when there is one)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"   # storage of the factors
     rank: int | None = None
     energy: float | None = None
     max_kl: float | None = 0.05            # with rank and energy unset: smallest rank with per-token KL <= max_kl

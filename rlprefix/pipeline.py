@@ -185,10 +185,16 @@ def run(cfg: RunConfig, log=print) -> dict:
             fid_prompts = eval_prompts or cfg.ppo.prompts
             if c.rank is None and c.energy is None and c.max_kl is not None and fid_prompts:
                 comp, trail = compress_to_budget(model, tok, prefix, fid_prompts, c.max_kl, c.scope,
+                                                 anchor="auto" if c.anchor else False, dtype=c.dtype,
                                                  chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed,
                                                  max_new_tokens=eval_kw["max_new_tokens"])
+                if trail and trail[-1].get("budget_met") is False:
+                    log(f"compression: no rank met max_kl={c.max_kl}; kept rank {trail[-1]['rank']} "
+                        f"(KL/token {trail[-1]['kl_per_token']:.4f})")
             else:
-                comp, trail = compress(prefix, rank=c.rank, energy=c.energy, scope=c.scope, model=model), []
+                comp = compress(prefix, rank=c.rank, energy=c.energy, scope=c.scope, model=model,
+                                anchor="auto" if c.anchor else False, dtype=c.dtype)
+                trail = []
             report = {"ranks_tried": trail}
             if fid_prompts:
                 use_reward = c.eval_reward and "before" in summary and "after" in summary

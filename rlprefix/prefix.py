@@ -34,18 +34,29 @@ def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@torch.no_grad()
+def text_kv(model, ids: list[int]) -> torch.Tensor:
+    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
+    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+    return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
+
+
 class Prefix(nn.Module):
     """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long."""
 
     def __init__(self, spec: KVSpec, length: int, kind: PrefixKind = "mlp", *, mlp_hidden: int = 512,
                  mlp_input_dim: int | None = None, init_kv: torch.Tensor | None = None,
-                 init_std: float = 0.02, generator: torch.Generator | None = None):
+                 init_std: float = 0.02, generator: torch.Generator | None = None,
+                 init_ids: list[int] | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown prefix kind {kind!r}; use one of {KINDS}")
         if length < 0:
             raise ValueError(f"prefix length must be >= 0, got {length}")
         self.spec, self.length, self.kind = spec, int(length), kind
+        # token ids whose K/V initialised this prefix ("from real words"); kept so compression can factorise
+        # only the learned change, since the frozen model recomputes these K/V exactly
+        self.init_ids = [int(i) for i in init_ids] if init_ids else None
         self.mlp_hidden = int(mlp_hidden)
         self.mlp_input_dim = int(mlp_input_dim or spec.kv_dim)
         shape = (spec.num_layers, 2, self.length, spec.kv_dim)
@@ -101,9 +112,7 @@ class Prefix(nn.Module):
             prefix = cls(spec, length, "prompt", **kw)
             prefix.embeds.data.copy_(model.get_input_embeddings()(ids)[0].float())
             return prefix
-        out = model(input_ids=ids, use_cache=True)
-        kv = cache_to_kv(out.past_key_values, spec).float().cpu()
-        return cls(spec, length, kind, init_kv=kv, **kw)
+        return cls(spec, length, kind, init_kv=text_kv(model, ids[0].tolist()), init_ids=ids[0].tolist(), **kw)
 
     # --- the one interface every stage uses ---------------------------------------------------------
     def key_values(self, model=None) -> torch.Tensor:
@@ -127,7 +136,7 @@ class Prefix(nn.Module):
         """Evaluate the reparameterisation once; return a plain "kv" prefix with identical outputs."""
         kv = self.key_values(model).detach().float().cpu()
         return Prefix(self.spec, self.length, "kv", init_kv=kv, mlp_hidden=self.mlp_hidden,
-                      mlp_input_dim=self.mlp_input_dim).to(self.device)
+                      mlp_input_dim=self.mlp_input_dim, init_ids=self.init_ids).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +153,7 @@ class Prefix(nn.Module):
     # --- persistence (safetensors + JSON manifest; see rlprefix.io) ----------------------------------
     def config_dict(self) -> dict:
         return {"kind": self.kind, "length": self.length, "mlp_hidden": self.mlp_hidden,
-                "mlp_input_dim": self.mlp_input_dim}
+                "mlp_input_dim": self.mlp_input_dim, "init_ids": self.init_ids}
 
     def save(self, path, metadata: dict | None = None) -> None:
         from .io import save_prefix

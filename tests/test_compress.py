@@ -91,9 +91,9 @@ def test_fidelity_and_budget():
     assert {"reward_base", "reward_full", "reward_compressed", "reward_retained"} <= set(rep)
     exact = fidelity_report(model, tok, prefix, compress(prefix, scope="shared"), PROMPTS, max_new_tokens=6)
     assert exact["kl_per_token"] < 1e-6
-    chosen, trail = compress_to_budget(model, tok, prefix, PROMPTS, max_kl=1e-3, scope="shared", max_new_tokens=6)
-    assert trail[-1]["kl_per_token"] <= 1e-3 and chosen.ranks[0] == trail[-1]["rank"]
-    assert all(t["kl_per_token"] > 1e-3 for t in trail[:-1])
+    chosen, trail = compress_to_budget(model, tok, prefix, PROMPTS, max_kl=0.05, scope="matrix", max_new_tokens=6)
+    assert trail[-1]["budget_met"] and trail[-1]["kl_per_token"] <= 0.05 and max(chosen.ranks) == trail[-1]["rank"]
+    assert all(t["kl_per_token"] > 0.05 for t in trail[:-1])
 
 
 @pytest.mark.parametrize("source", ["prefix", "compressed"])
@@ -112,3 +112,34 @@ def test_peft_export_loads_and_matches_logits(model, tokenizer, tmp_path, source
     ours = forward(model, ids, mask, obj).logits
     theirs = pm(input_ids=ids, attention_mask=mask).logits
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_anchored_compression_factorises_only_the_learned_change(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    start = Prefix.from_text(model, tok, "positive review good", length=6, kind="kv")
+    trained = Prefix.from_text(model, tok, "positive review good", length=6, kind="kv")
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(2, 2, 6, 1, generator=g) @ torch.randn(1, trained.spec.kv_dim, generator=g)
+    trained.kv.data += 0.05 * delta  # a small rank-1 change, like training makes
+    zero = compress(trained, rank=0, scope="matrix", model=model)
+    assert zero.anchor_ids == start.init_ids and zero.num_parameters() == 0
+    assert torch.allclose(zero.key_values(model), start.kv, atol=1e-6)  # rank 0 = the text's own K/V
+    one = compress(trained, rank=1, scope="matrix", model=model)
+    assert torch.allclose(one.key_values(model), trained.kv, atol=1e-5)  # the change was rank 1
+    plain = compress(trained, rank=1, scope="matrix")  # no model: no anchor
+    assert plain.anchor_ids is None and (plain.key_values() - trained.kv).abs().max() > 1e-3
+    half = compress(trained, rank=1, scope="matrix", model=model, dtype="float16")
+    assert half.nbytes() * 2 == one.nbytes() and half.compression_ratio() == pytest.approx(2 * one.compression_ratio())
+    half.save(tmp_path / "h")
+    loaded = load_prefix(tmp_path / "h")
+    with pytest.raises(ValueError, match="pass the model to rebuild them"):
+        loaded.key_values()
+    assert torch.allclose(load_prefix(tmp_path / "h", model).key_values(model), half.key_values(model))
+
+
+def test_budget_never_returns_something_bigger_than_the_prefix():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prefix = trained_like_prefix(model)
+    comp, trail = compress_to_budget(model, tok, prefix, PROMPTS, max_kl=0.0, scope="shared", max_new_tokens=4)
+    assert trail[-1]["budget_met"] is False and comp.compression_ratio() > 1.0
+    assert all(t.get("compression_ratio", 2.0) > 1.0 for t in trail)

@@ -161,7 +161,7 @@ def test_cli_info_generate_export_compress(tmp_path, capsys):
     assert main(["compress", str(run / "prefix_warmstart"), "--out", str(tmp_path / "c"), "--rank", "2",
                  "--model", model_dir]) == 0
     assert main(["info", str(tmp_path / "c")]) == 0
-    assert "low rank (shared): ranks [2]" in capsys.readouterr().out
+    assert "low rank (matrix, anchored on 4 token ids): ranks [2]" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "c"), "--format", "peft", "--out", str(tmp_path / "p"),
                  "--model", model_dir]) == 0
     assert (tmp_path / "p" / "adapter_model.safetensors").exists()
