@@ -16,7 +16,7 @@ STEPS = [
     ["benchmarks/warmstart_vs_peft.py"],
     ["benchmarks/ppo_vs_trl.py", "--batch", "16", "--tokens", "32", "--steps", "4"],
     ["benchmarks/sentiment_demo.py"],
-    ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo", "--scopes", "shared", "matrix", "whole"],
+    ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo"],
     ["benchmarks/distributed_overhead.py"],
 ]
 

@@ -19,7 +19,7 @@ def main(run_dir: str = "runs/quickstart"):
     print(f"{prefix.kind} prefix, ranks {sorted(set(prefix.ranks))}, {prefix.compression_ratio():.1f}x smaller "
           f"than the full K/V ({prefix.nbytes()} bytes)")
     prompts = ["Write a one-sentence review of a motel.", "Write a one-sentence review of a printer."]
-    for p, text in zip(prompts, rlprefix.generate(model, tokenizer, prompts, prefix.merge(), seed=0,
+    for p, text in zip(prompts, rlprefix.generate(model, tokenizer, prompts, prefix.merge(model), seed=0,
                                                   max_new_tokens=48)):
         print(f">>> {p}\n{text.strip()}\n")
 

@@ -213,4 +213,6 @@ def load_prefix(path, model=None):
     obj.manifest = manifest
     if model is not None:
         obj.to(model.device)
+        if getattr(obj, "anchor_ids", None):
+            obj.key_values(model)  # rebuild the anchor K/V now, so later calls need no model
     return obj
