@@ -1,7 +1,6 @@
 """Shared helpers for benchmarks: result files and the machine description."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess

@@ -6,7 +6,6 @@
 import sys
 from pathlib import Path
 
-import torch
 
 import rlprefix
 from rlprefix.runtime import forward

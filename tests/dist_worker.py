@@ -3,7 +3,6 @@
 Writes, per rank, the prefix after every step (as a hash) and the final prefix, into OUT/rank{r}/.
 """
 import hashlib
-import json
 import sys
 from pathlib import Path
 
