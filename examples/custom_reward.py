@@ -1,7 +1,8 @@
 """Reward-driven prefix tuning from Python with your own reward function.
 
 The reward follows TRL's contract: reward(prompts, completions, **columns) -> list[float]. Here it
-rewards answers that mention the season a prompt asks about and stay short. Runs on CPU in a few minutes:
+rewards answers that name the season a prompt asks about (from the `season` column) in about 15 words.
+Runs on CPU in a few minutes:
 
     python examples/custom_reward.py
 """
@@ -13,8 +14,9 @@ from rlprefix.rl import PPOConfig
 
 
 def season_reward(prompts, completions, season, **kw):
-    """+1 if the completion names the season from the `season` column, minus a little per extra word."""
-    return [float(s.lower() in c.lower()) - 0.01 * max(0, len(c.split()) - 20) for c, s in zip(completions, season)]
+    """0.5 if the completion names the season, plus up to 0.5 for being close to 15 words."""
+    return [0.5 * float(s.lower() in c.lower()) + 0.5 * max(0.0, 1 - abs(len(c.split()) - 15) / 15)
+            for c, s in zip(completions, season)]
 
 
 def main():
@@ -22,7 +24,7 @@ def main():
     model, tokenizer = rlprefix.load_model()  # the embedded SmolLM2-135M-Instruct
     prompts = [{"prompt": f"Describe a walk in the park in {s}.", "season": s}
                for s in ("spring", "summer", "autumn", "winter")] * 4
-    prefix = rlprefix.Prefix.from_text(model, tokenizer, "Mention the season.", length=8, kind="kv")
+    prefix = rlprefix.Prefix.from_text(model, tokenizer, "Answer in one short sentence.", length=8, kind="kv")
 
     before = evaluate_reward(model, tokenizer, None, prompts[:4], season_reward, samples_per_prompt=4)
     result = rlprefix.ppo(model, tokenizer, prefix, prompts, season_reward,
