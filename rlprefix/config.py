@@ -187,9 +187,11 @@ def _build(cls, data: Any, path: str):
 
 
 def _cross_checks(cfg: RunConfig) -> None:
-    if cfg.ppo.enabled and cfg.ppo.batch_size % cfg.ppo.minibatch_size:
-        raise ConfigError(f"ppo.batch_size: {cfg.ppo.batch_size} must be a multiple of ppo.minibatch_size "
-                          f"({cfg.ppo.minibatch_size})")
+    if cfg.ppo.enabled:
+        try:
+            cfg.ppo.validate()  # the stage's own checks, reported as config errors
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.warm_start.enabled and not cfg.warm_start.data:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")

@@ -101,10 +101,12 @@ class CompressedPrefix(nn.Module):
         kv = prefix.key_values(model).detach().float().cpu()
         ids = getattr(prefix, "init_ids", None)
         use_anchor = bool(ids) and model is not None if anchor == "auto" else bool(anchor)
+        anchor_kv = None
         if use_anchor:
             if not ids or model is None:
                 raise ValueError("anchored compression needs a prefix initialised from text (init_ids) and the model")
-            kv = kv - text_kv(model, ids)
+            anchor_kv = text_kv(model, ids)
+            kv = kv - anchor_kv
         blocks = to_blocks(kv, scope)
         factors, shapes = [], []
         for b in blocks:
@@ -116,6 +118,8 @@ class CompressedPrefix(nn.Module):
         for i, (u, v) in enumerate(factors):
             out.u[i].data.copy_(u)
             out.v[i].data.copy_(v)
+        if anchor_kv is not None:
+            out.anchor = anchor_kv  # already computed: key_values() need not run the model again
         return out.to(getattr(prefix, "device", torch.device("cpu")))
 
     @classmethod

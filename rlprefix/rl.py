@@ -73,7 +73,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         if self.batch_size % self.minibatch_size:
-            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size "
+            raise ValueError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.minibatch_size "
                              f"({self.minibatch_size})")
         if self.reference not in ("base", "initial"):
             raise ValueError(f"ppo.reference must be 'base' or 'initial', got {self.reference!r}")
