@@ -28,6 +28,7 @@ class Scorer:
         self.name = name or getattr(reward, "__name__", type(reward).__name__)
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
         self.invalid_total = 0
+        self.last_raw: list[float] = []
         self.gather = None  # set by data-parallel training: running stats then use the global batch
 
     def _fail(self, what: str, prompts, completions, index: int | None):
@@ -58,6 +59,7 @@ class Scorer:
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
         values, invalid = self.raw(prompts, completions, **columns)
+        self.last_raw = list(values)  # before clipping / normalisation, for logging the reward as written
         self.invalid_total += invalid
         r = torch.tensor(values, dtype=torch.float32)
         metrics = {"reward/raw_mean": r.mean().item(), "reward/raw_std": r.std().item() if len(r) > 1 else 0.0,

@@ -1,19 +1,29 @@
-"""Stage 2, PPO on a prefix-only policy.
+"""Stage 2, RL on a prefix-only policy: PPO's clipped surrogate with a choice of advantage estimator.
 
-The policy is the frozen model + the prefix; a small value head reads the policy's final hidden states
-(detached, so the value loss never moves the prefix). The reference for the KL penalty is the same
-frozen model with the prefix switched off ("base") or with the starting prefix ("initial", e.g. the
-warm-start prefix) -- no second copy of the model exists anywhere.
+The policy is the frozen model + the prefix. The reference for the KL term is the same frozen model with
+the prefix switched off ("base") or with the starting prefix ("initial", e.g. the warm-start prefix) --
+no second copy of the model exists anywhere.
 
-Per step: rollout (sample + record logprobs/values) -> score (reward) -> reference logprobs ->
-per-token rewards (-kl_coef * KL, task reward on the last token) -> GAE -> epochs of shuffled
-minibatches with the clipped surrogate, clipped value loss and entropy bonus -> adaptive KL update.
+One step (the numbered calls in `ppo`):
+  1. `rollout`: sample `group_size` completions for each of `batch_size / group_size` prompts, recording the
+     policy's log-probs (the "old" policy) and, for GAE, the final hidden states the value head reads;
+  2. score them with the reward (hygiene and running normalisation in `Scorer`);
+  3. reference log-probs (one forward of the frozen model with the reference prefix);
+  4. `advantages`: per-token advantages from one of
+       - `rloo`: REINFORCE leave-one-out baseline within each prompt's group (Ahmadian et al. 2024),
+       - `grpo`: group mean baseline divided by the group's std (Shao et al. 2024),
+       - `gae`:  a value head and generalised advantage estimation (Schulman et al. 2016),
+     then whitened over the batch, so the update does not depend on the reward's scale;
+  5. `ppo_update`: epochs of shuffled minibatches of the clipped surrogate (+ value loss for GAE, entropy
+     bonus, KL to the reference as a loss term or a per-token reward);
+  6. `step_metrics`.
 Details follow CleanRL's ppo and "The 37 implementation details of PPO"; each is a named config field.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,46 +33,55 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rewards import Scorer
+
 from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
 from .data import load_records, require_columns
-from .generation import encode_prompts, sample
+from .distributed import Dist
+from .evaluate import evaluate_reward
+from .generation import Rollout, encode_prompts, sample
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import entropy_of, score_completions
 
+ADVANTAGES = ("rloo", "grpo", "gae")
+
 
 @dataclass
 class PPOConfig:
-    steps: int = 40                     # PPO iterations (one rollout batch + its update each)
-    batch_size: int = 32                # prompts (= completions) per rollout
-    minibatch_size: int = 8
-    epochs: int = 4                     # passes over each rollout batch
-    lr: float = 3e-3                    # prefix learning rate
-    value_lr: float = 1e-3              # value-head learning rate
+    steps: int = 16                     # RL iterations (one rollout batch + its update each)
+    batch_size: int = 32                # completions per rollout (= prompts per step x group_size)
+    group_size: int = 4                 # completions sampled per prompt (rloo/grpo need >= 2)
+    minibatch_size: int = 8             # completions per gradient step
+    epochs: int = 2                     # passes over each rollout batch
+    lr: float = 3e-3                    # prefix learning rate (Adam)
+    advantage: str = "rloo"             # rloo | grpo | gae (see the module docstring)
+    value_lr: float = 1e-3              # value-head learning rate (gae only)
     max_new_tokens: int = 40
     min_new_tokens: int = 0
     temperature: float = 1.0            # the policy is softmax(logits / temperature)
     top_k: int = 0                      # sampling filters (logprobs stay those of the policy)
     top_p: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95                   # GAE lambda
+    gamma: float = 1.0                  # gae: discount
+    lam: float = 0.95                   # gae: lambda
     clip_range: float = 0.2             # policy ratio clip
-    clip_range_value: float | None = 0.2  # value clip around the rollout values (None: no value clipping)
-    vf_coef: float = 0.5
+    clip_range_value: float | None = 0.2  # gae: value clip around the rollout values (None: no value clipping)
+    vf_coef: float = 0.5                # gae: value-loss weight
     ent_coef: float = 0.0
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True      # scale-free updates: advantages to mean 0, std 1 over the batch
     max_grad_norm: float = 1.0
     target_kl_stop: float | None = 0.1  # stop this step's update once minibatch approx-KL exceeds it
-    kl_coef: float = 0.05               # initial beta of the per-token KL penalty
-    kl_target: float | None = None      # adaptive KL controller target (per-sequence KL); None = fixed beta
+    kl_coef: float = 0.05               # beta: weight of the KL to the reference (in units of whitened advantage)
+    kl_penalty: str = "loss"            # loss: beta * k3 KL per token in the loss | reward: -beta * k1 KL per-token reward
+    kl_target: float | None = None      # adaptive beta (per-sequence KL target, Ziegler et al. 2019); None = fixed
     kl_horizon: int = 10000
-    reference: str = "base"             # base (no prefix) | initial (the prefix as it was when PPO started)
+    reference: str = "base"             # base (no prefix) | initial (the prefix as it was when RL started)
     reward_clip: float | None = None
-    reward_normalize: bool = False
+    reward_normalize: bool = True       # running mean/std normalisation of scores (what GAE's values learn)
     on_reward_error: str = "raise"      # raise | penalty
     reward_penalty: float = -1.0
-    value_hidden: int = 256             # 0: a linear value head
+    value_hidden: int = 256             # gae: 0 = a linear value head
     seed: int = 0
     chat: bool | None = None
     system: str | None = None
@@ -72,15 +91,34 @@ class PPOConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        if self.kl_penalty not in ("loss", "reward"):
+            raise ValueError(f"ppo.kl_penalty must be 'loss' or 'reward', got {self.kl_penalty!r}")
+        if self.reference not in ("base", "initial"):
+            raise ValueError(f"ppo.reference must be 'base' or 'initial', got {self.reference!r}")
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.minibatch_size "
                              f"({self.minibatch_size})")
-        if self.reference not in ("base", "initial"):
-            raise ValueError(f"ppo.reference must be 'base' or 'initial', got {self.reference!r}")
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.group_size "
+                             f"({self.group_size})")
+        if self.advantage in ("rloo", "grpo") and self.group_size < 2:
+            raise ValueError(f"ppo.group_size: advantage {self.advantage!r} compares completions of one prompt, "
+                             f"so it needs group_size >= 2 (got {self.group_size})")
+        for name in ("lr", "kl_coef", "clip_range", "max_grad_norm", "value_lr", "temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name not in ("kl_coef",)):
+                raise ValueError(f"ppo.{name}: {value!r} must be a finite number > 0"
+                                 + (" (>= 0 for kl_coef)" if name == "kl_coef" else ""))
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
 
 
 class ValueHead(nn.Module):
-    """V(s_t) from the final hidden state that predicts token t."""
+    """V(s_t) from the final hidden state that predicts token t (gae only)."""
 
     def __init__(self, hidden_size: int, value_hidden: int = 256):
         super().__init__()
@@ -114,6 +152,7 @@ def _row_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + row
 
 
+# ---- advantage estimators ------------------------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over completion tokens; positions past the end are masked."""
     values = values * mask
@@ -128,10 +167,226 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, method: str) -> torch.Tensor:
+    """Sequence-level advantages from groups of `group_size` consecutive completions of one prompt.
+
+    rloo: A_i = r_i - mean_{j != i} r_j.  grpo: A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4).
+    NaN scores ("no reward applies") take no part in a baseline and get advantage 0.
+    """
+    r = scores.view(-1, group_size)
+    valid = torch.isfinite(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    n = valid.sum(1, keepdim=True).float()
+    if method == "rloo":
+        others = (n - 1).clamp(min=1)
+        adv = r0 - (r0.sum(1, keepdim=True) - r0) / others
+        adv = torch.where(n > 1, adv, torch.zeros_like(adv))
+    elif method == "grpo":
+        mean = r0.sum(1, keepdim=True) / n.clamp(min=1)
+        var = (((r0 - mean) * valid) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = (r0 - mean) / (var.sqrt() + 1e-4)
+    else:
+        raise ValueError(f"unknown group advantage {method!r}")
+    return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
+
+
+# ---- rollouts and the batch split over processes --------------------------------------------------------------
+class BatchShard:
+    """Which global rows of a rollout batch this process owns, and the prompts for a step.
+
+    Rows are ordered prompt-major (row = prompt * group_size + j), so every group of completions of one
+    prompt lies on one process as long as the local batch is a multiple of the group size.
+    """
+
+    def __init__(self, cfg: PPOConfig, n_prompts: int, dist: Dist):
+        if cfg.batch_size % dist.world_size or (cfg.batch_size // dist.world_size) % cfg.group_size:
+            raise ValueError(f"ppo.batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes "
+                             f"in whole groups of {cfg.group_size}")
+        self.cfg, self.dist, self.n_prompts = cfg, dist, n_prompts
+        self.local = cfg.batch_size // dist.world_size
+        self.first = dist.rank * self.local  # this process owns global rows [first, first + local)
+        self.prompts_per_step = cfg.batch_size // cfg.group_size
+        self.steps_per_epoch = max(1, n_prompts // self.prompts_per_step)
+
+    def prompt_indices(self, step: int) -> list[int]:
+        """Dataset rows for this process's completions at `step` (a seeded permutation per pass over the data)."""
+        cfg = self.cfg
+        epoch, slot = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        prompts = [int(order[(slot * self.prompts_per_step + i) % self.n_prompts]) for i in range(self.prompts_per_step)]
+        rows = [p for p in prompts for _ in range(cfg.group_size)]
+        return rows[self.first:self.first + self.local]
+
+    def row_seeds(self, step: int) -> list[int]:
+        return [_row_seed(self.cfg.seed, step, self.first + i) for i in range(self.local)]
+
+    def minibatches(self, step: int, epoch: int):
+        """Local row indices of each minibatch of one permutation of the *global* batch (the same on every
+        process): losses are normalised by global token counts, so summed gradients equal one process's."""
+        cfg = self.cfg
+        perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(
+            _row_seed(cfg.seed, step, 10_000_019 + epoch)))
+        for start in range(0, cfg.batch_size, cfg.minibatch_size):
+            rows = perm[start:start + cfg.minibatch_size]
+            yield rows[(rows >= self.first) & (rows < self.first + self.local)] - self.first
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prefix: Prefix, prompts: list[str], cfg: PPOConfig, row_seeds: list[int]) -> Rollout:
+    """Sample one completion per row with the current prefix, recording the policy's log-probs."""
+    prefix.eval()
+    ids, mask = encode_prompts(tokenizer, prompts, cfg.chat, cfg.system, device=model.device)
+    kv = prefix.key_values(model) if prefix.length else None
+    return sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
+                  min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  return_hidden=cfg.uses_critic, row_seeds=row_seeds)
+
+
+@dataclass
+class Batch:
+    """Everything the update needs from one rollout (local rows)."""
+    roll: Rollout
+    mask: torch.Tensor           # [B, T] completion tokens that take part in the loss
+    old_logprobs: torch.Tensor   # [B, T]
+    ref_logprobs: torch.Tensor   # [B, T]
+    advantages: torch.Tensor     # [B, T]
+    returns: torch.Tensor | None
+    old_values: torch.Tensor | None
+
+
+def advantages(roll: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor, value_head: ValueHead | None,
+               cfg: PPOConfig, kl_coef: float, dist: Dist) -> Batch:
+    """Per-token advantages for the update (rows whose score is NaN are masked out of the loss)."""
+    finite = torch.isfinite(scores)
+    mask = roll.completion_mask.float() * finite.float().unsqueeze(1)
+    old_logprobs = roll.logprobs * mask
+    kl_tok = (old_logprobs - ref_logprobs) * mask  # k1 estimator per token
+    returns = old_values = None
+    if cfg.uses_critic:
+        # per-token rewards: -beta * KL everywhere (kl_penalty=reward), the task score on the last real token
+        rewards = -kl_coef * kl_tok if cfg.kl_penalty == "reward" else torch.zeros_like(kl_tok)
+        last = (roll.completion_mask.sum(1) - 1).clamp(min=0)
+        rewards[torch.arange(len(scores), device=scores.device), last] += torch.nan_to_num(scores)
+        with torch.no_grad():
+            old_values = value_head(roll.hidden) * mask
+        adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    else:
+        seq_scores = scores
+        if cfg.kl_penalty == "reward":  # sequence-level KL penalty folded into the score before the baseline
+            seq_scores = scores - kl_coef * kl_tok.sum(1)
+        adv = group_advantages(seq_scores, cfg.group_size, cfg.advantage).unsqueeze(1) * mask
+    if cfg.whiten_advantages:
+        adv = dist.masked_whiten(adv, mask)
+    return Batch(roll, mask, old_logprobs, ref_logprobs * mask, adv, returns, old_values)
+
+
+def reference_logprobs(model, roll: Rollout, ref_kv, temperature: float) -> torch.Tensor:
+    """log p_ref of the sampled tokens: the frozen model with the reference prefix (or none)."""
+    with torch.no_grad():
+        return score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                                 kv=ref_kv, temperature=temperature).logprobs
+
+
+# ---- the update -----------------------------------------------------------------------------------------------
+def ppo_update(model, prefix: Prefix, value_head: ValueHead | None, opt, param_groups, batch: Batch,
+               shard: BatchShard, step: int, cfg: PPOConfig, kl_coef: float, dist: Dist) -> dict:
+    """Epochs of shuffled minibatches of the clipped surrogate; returns mean statistics."""
+    prefix.train()
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "kl_loss", "entropy", "approx_kl",
+                                                     "clipfrac", "ratio_max_dev")}
+    roll, early_stopped = batch.roll, False
+    for epoch in range(cfg.epochs):
+        for mb in shard.minibatches(step, epoch):
+            mb = mb.to(batch.mask.device)
+            m = batch.mask[mb]
+            n_tokens = max(dist.sum(m.sum().item()), 1.0)
+
+            def token_mean(x):  # sum over this process's tokens / tokens of the whole (global) minibatch
+                return (x * m).sum() / n_tokens
+
+            if len(mb):
+                new = score_completions(model, roll.prompt_ids[mb], roll.prompt_mask[mb], roll.completion_ids[mb],
+                                        roll.completion_mask[mb], prefix, temperature=cfg.temperature,
+                                        output_hidden=cfg.uses_critic)
+                logratio = (new.logprobs - batch.old_logprobs[mb]) * m
+                entropy_tok = entropy_of(new.logits, cfg.temperature)
+                ref_logratio = (batch.ref_logprobs[mb] - new.logprobs) * m
+            else:  # this process owns no row of this minibatch: it contributes zero gradients
+                logratio = entropy_tok = ref_logratio = m
+            ratio = logratio.exp()
+            mb_adv = batch.advantages[mb]
+            # CleanRL's names: the clipped surrogate, the (clipped) value loss, the entropy bonus
+            pg_loss1 = -mb_adv * ratio
+            pg_loss2 = -mb_adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
+            pg_loss = token_mean(torch.max(pg_loss1, pg_loss2))
+            entropy_loss = token_mean(entropy_tok)
+            # k3 estimator of KL(policy || reference): exp(ref - new) - (ref - new) - 1 >= 0
+            kl_loss = token_mean(ref_logratio.exp() - ref_logratio - 1)
+            v_loss = torch.zeros((), device=m.device)
+            if cfg.uses_critic and len(mb):
+                newvalue = value_head(new.hidden.detach())
+                v_loss_unclipped = (newvalue - batch.returns[mb]) ** 2
+                if cfg.clip_range_value is not None:
+                    v_clipped = batch.old_values[mb] + (newvalue - batch.old_values[mb]).clamp(
+                        -cfg.clip_range_value, cfg.clip_range_value)
+                    v_loss = 0.5 * token_mean(torch.max(v_loss_unclipped, (v_clipped - batch.returns[mb]) ** 2))
+                else:
+                    v_loss = 0.5 * token_mean(v_loss_unclipped)
+            loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
+            if cfg.kl_penalty == "loss" and kl_coef:
+                loss = loss + kl_coef * kl_loss
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                if len(mb):
+                    loss.backward()
+                dist.sum_grads([p for g in param_groups for p in g["params"]])
+                for g in param_groups:
+                    torch.nn.utils.clip_grad_norm_(g["params"], cfg.max_grad_norm)
+                opt.step()
+            with torch.no_grad():
+                approx_kl = dist.sum(token_mean((ratio - 1) - logratio).item())
+                stats["pg_loss"].append(dist.sum(pg_loss.item()))
+                stats["vf_loss"].append(dist.sum(v_loss.item()))
+                stats["kl_loss"].append(dist.sum(kl_loss.item()))
+                stats["entropy"].append(dist.sum(entropy_loss.item()))
+                stats["approx_kl"].append(approx_kl)
+                stats["clipfrac"].append(dist.sum(token_mean(((ratio - 1).abs() > cfg.clip_range).float()).item()))
+                dev = ((ratio - 1).abs() * m).max().item() if len(mb) else 0.0
+                stats["ratio_max_dev"].append(dist.max(dev))
+            if cfg.target_kl_stop is not None and approx_kl > cfg.target_kl_stop:
+                early_stopped = True
+                break
+        if early_stopped:
+            break
+    out = {f"policy/{k}": (sum(v) / len(v) if v else float("nan")) for k, v in stats.items() if k != "ratio_max_dev"}
+    out["policy/ratio_dev_first_minibatch"] = stats["ratio_max_dev"][0] if stats["ratio_max_dev"] else 0.0
+    out["policy/early_stopped"] = float(early_stopped)
+    return out
+
+
+def step_metrics(batch: Batch, raw_scores: list[float], reward_metrics: dict, cfg: PPOConfig, dist: Dist) -> dict:
+    """Reward, KL to the reference, explained variance (gae) and response length over the global batch."""
+    mask, roll = batch.mask, batch.roll
+    kl_seq = dist.mean(((batch.old_logprobs - batch.ref_logprobs) * mask).sum(1).mean().item())
+    g_raw = [s for s in dist.gather_floats(raw_scores) if math.isfinite(s)]
+    record = {
+        "reward/mean": sum(g_raw) / max(len(g_raw), 1),   # the reward as the user wrote it (before normalisation)
+        "reward/std": float(torch.tensor(g_raw).std()) if len(g_raw) > 1 else 0.0,
+        **{k: dist.mean(v) for k, v in reward_metrics.items()},
+        "kl": kl_seq,
+        "response_length": dist.mean(roll.completion_mask.sum(1).float().mean().item()),
+    }
+    if cfg.uses_critic:
+        var_ret = dist.masked_var(batch.returns, mask)
+        record["value/explained_variance"] = (1.0 - dist.masked_var(batch.returns - batch.old_values, mask) / var_ret
+                                              if var_ret > 0 else float("nan"))
+    return record
+
+
 @dataclass
 class PPOResult:
     prefix: Prefix
-    value_head: ValueHead
+    value_head: ValueHead | None
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     kl_coef: float = 0.0
@@ -143,19 +398,68 @@ def _config_hash(cfg: PPOConfig, prefix: Prefix, n_prompts: int) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class _State:
+    """What a PPO checkpoint holds, and how to save / restore it."""
+
+    def __init__(self, prefix, value_head, opt, kl_ctl, scorer, ref_kv, cfg_hash, dist):
+        self.prefix, self.value_head, self.opt, self.kl_ctl = prefix, value_head, opt, kl_ctl
+        self.scorer, self.ref_kv, self.cfg_hash, self.dist = scorer, ref_kv, cfg_hash, dist
+        self.step, self.history = 0, []
+
+    def resume(self, path: Path) -> None:
+        ckpt = resume_checkpoint(path, self.cfg_hash, "PPO config or prompt set")
+        if ckpt is None:
+            return
+        tensors, meta = ckpt
+        if meta.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"checkpoint was written with {meta.get('world_size')} processes; resume with the "
+                             f"same number (now {self.dist.world_size})")
+        load_module_tensors(self.prefix, tensors, "prefix")
+        if self.value_head is not None:
+            load_module_tensors(self.value_head, tensors, "value_head")
+        if self.ref_kv is not None:
+            self.ref_kv = tensors["ref_kv"].to(self.ref_kv.device)
+        load_optimizer_state(self.opt, tensors, meta["optimizer"])
+        load_rng_state(tensors, meta["rng"])
+        self.kl_ctl.value = meta["kl_coef"]
+        self.scorer.load_state_dict(meta["scorer"])
+        self.step, self.history = meta["step"], meta["history"]
+
+    def save(self, path: Path) -> None:
+        if not self.dist.is_main:
+            return
+        t_opt, m_opt = optimizer_state(self.opt)
+        t_rng, m_rng = rng_state()
+        tensors = {**module_tensors(self.prefix, "prefix"), **t_opt, **t_rng}
+        if self.value_head is not None:
+            tensors.update(module_tensors(self.value_head, "value_head"))
+        if self.ref_kv is not None:
+            tensors["ref_kv"] = self.ref_kv
+        save_checkpoint(path, tensors, {
+            "step": self.step, "history": self.history, "optimizer": m_opt, "rng": m_rng,
+            "kl_coef": self.kl_ctl.value, "scorer": self.scorer.state_dict(), "config_hash": self.cfg_hash,
+            "world_size": self.dist.world_size})
+
+
+def _check_finite(step: int, batch: Batch, prefix: Prefix) -> None:
+    """Stop at the first non-finite update, before it can reach a checkpoint."""
+    bad = [name for name, p in prefix.named_parameters() if not torch.isfinite(p).all()]
+    if bad or not torch.isfinite(batch.advantages).all():
+        raise FloatingPointError(f"PPO step {step}: non-finite values in "
+                                 f"{', '.join(bad) or 'advantages'} (learning rate too high, or a reward "
+                                 f"out of range?); the last checkpoint is kept")
+
+
 def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPOConfig | None = None, *,
         eval_prompts=None, output_dir: str | Path | None = None, resume: bool = True,
-        on_step: Callable[[int, dict], None] | None = None, dist=None) -> PPOResult:
-    """Optimise `prefix` (in place) with PPO against `reward(prompts, completions, **columns)`.
+        on_step: Callable[[int, dict], None] | None = None, dist: Dist | None = None) -> PPOResult:
+    """Optimise `prefix` (in place) against `reward(prompts, completions, **columns)`.
 
     `prompts`: a list of strings, a list of dicts / datasets.Dataset / file with a `prompt` column; any
     other column is passed to the reward as a keyword list. `dist` (rlprefix.distributed.Dist) spreads
     rollouts over processes; gradients and statistics are then all-reduced.
     """
-    from rewards import Scorer
-    from .distributed import Dist
-    from .evaluate import evaluate_reward
-
+    # --- setup: data, reward hygiene, reference, value head (gae), optimiser, checkpoint state ---
     cfg = config or PPOConfig()
     cfg.validate()
     dist = dist or Dist()
@@ -166,211 +470,75 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     scorer = reward if isinstance(reward, Scorer) else Scorer(
         reward, on_error=cfg.on_reward_error, penalty=cfg.reward_penalty, clip=cfg.reward_clip,
         normalize=cfg.reward_normalize)
-
     if dist.world_size > 1:
         scorer.gather = dist.gather_floats  # reward normalisation uses global statistics
     prefix.to(device)
     ref_kv = prefix.key_values(model).detach().clone() if cfg.reference == "initial" and prefix.length else None
     torch.manual_seed(cfg.seed)  # before the value head, whose init must not depend on earlier work
-    value_head = ValueHead(model.config.get_text_config().hidden_size, cfg.value_hidden).to(device)
-    groups = [{"params": list(value_head.parameters()), "lr": cfg.value_lr, "name": "value"}]
+    value_head = (ValueHead(model.config.get_text_config().hidden_size, cfg.value_hidden).to(device)
+                  if cfg.uses_critic else None)
+    groups = [{"params": list(value_head.parameters()), "lr": cfg.value_lr, "name": "value"}] if value_head else []
     if prefix.num_parameters():
         groups.insert(0, {"params": [p for p in prefix.parameters() if p.requires_grad], "lr": cfg.lr,
                           "name": "prefix"})
-    opt = torch.optim.Adam(groups, eps=1e-5)
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    step, history = 0, []
+    opt = torch.optim.Adam(groups, eps=1e-5) if groups else None  # None: nothing to train (an empty prefix)
+    state = _State(prefix, value_head, opt, AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+                   scorer, ref_kv, _config_hash(cfg, prefix, len(ds)), dist)
     out = Path(output_dir) if output_dir else None
-    cfg_hash = _config_hash(cfg, prefix, len(ds))
     if out is not None and resume:
-        ckpt = resume_checkpoint(out / "ppo_checkpoint", cfg_hash, "PPO config or prompt set")
-        if ckpt is not None:
-            tensors, meta = ckpt
-            if meta.get("world_size", 1) != dist.world_size:
-                raise ValueError(f"checkpoint was written with {meta.get('world_size')} processes; resume with the "
-                                 f"same number (now {dist.world_size})")
-            load_module_tensors(prefix, tensors, "prefix")
-            load_module_tensors(value_head, tensors, "value_head")
-            if ref_kv is not None:
-                ref_kv = tensors["ref_kv"].to(device)
-            load_optimizer_state(opt, tensors, meta["optimizer"])
-            load_rng_state(tensors, meta["rng"])
-            kl_ctl.value = meta["kl_coef"]
-            scorer.load_state_dict(meta["scorer"])
-            step, history = meta["step"], meta["history"]
-    logger = MetricLogger(out / "ppo_metrics.jsonl", resume_step=step, enabled=dist.is_main) if out else None
+        state.resume(out / "ppo_checkpoint")
+    logger = MetricLogger(out / "ppo_metrics.jsonl", resume_step=state.step, enabled=dist.is_main) if out else None
+    shard = BatchShard(cfg, len(ds), dist)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", disable=not (cfg.progress and dist.is_main))
 
-    def checkpoint():
-        if out is None:
-            return
-        if not dist.is_main:
-            return
-        t_opt, m_opt = optimizer_state(opt)
-        t_rng, m_rng = rng_state()
-        tensors = {**module_tensors(prefix, "prefix"), **module_tensors(value_head, "value_head"), **t_opt, **t_rng}
-        if ref_kv is not None:
-            tensors["ref_kv"] = ref_kv
-        save_checkpoint(out / "ppo_checkpoint", tensors, {
-            "step": step, "history": history, "optimizer": m_opt, "rng": m_rng, "kl_coef": kl_ctl.value,
-            "scorer": scorer.state_dict(), "config_hash": cfg_hash, "world_size": dist.world_size})
-
-    local_batch = cfg.batch_size // dist.world_size
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"ppo.batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes")
-    first_row = dist.rank * local_batch  # this process owns global rows [first_row, first_row + local_batch)
-    per_epoch = max(1, len(ds) // cfg.batch_size)
-    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", disable=not (cfg.progress and dist.is_main))
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        # --- 1. prompts: a seeded permutation per pass over the data; each rank takes its slice ---
-        epoch, slot = divmod(step, per_epoch)
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        idx = [order[(slot * cfg.batch_size + i) % len(ds)] for i in range(cfg.batch_size)]
-        idx = idx[first_row:first_row + local_batch]
-        rows = ds.select(idx)
-        batch_prompts = list(rows["prompt"])
-        batch_columns = {c: list(rows[c]) for c in columns}
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, cfg.chat, cfg.system, device=device)
-
-        # --- 2. rollout: sample with the prefix, recording logprobs (the "old" policy) ---
-        prefix.eval()
-        with torch.no_grad():
-            kv = prefix.key_values(model) if prefix.length else None
-            roll = sample(model, tokenizer, prompt_ids, prompt_mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
-                          min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                          top_p=cfg.top_p, return_hidden=True,
-                          row_seeds=[_row_seed(cfg.seed, step, first_row + i) for i in range(local_batch)])
+    # --- train ---
+    while state.step < cfg.steps:
+        step, t0 = state.step, time.perf_counter()
+        rows = ds.select(shard.prompt_indices(step))
+        batch_prompts, batch_columns = list(rows["prompt"]), {c: list(rows[c]) for c in columns}
+        # 1. sample group_size completions per prompt with the current prefix
+        roll = rollout(model, tokenizer, prefix, batch_prompts, cfg, shard.row_seeds(step))
         t_gen = time.perf_counter()
-
-        # --- 3. score the completions (reward hygiene in Scorer) ---
+        # 2. score them (NaN for a row where no reward applies)
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
         scores, reward_metrics = scorer(batch_prompts, roll.texts, completion_ids=completion_ids, **batch_columns)
-        scores = scores.to(device)
+        raw_scores, scores = scorer.last_raw, scores.to(device)
         t_score = time.perf_counter()
-
-        # --- 4. values (from the hidden states recorded while sampling) and reference logprobs ---
-        # The sampled logprobs are the "old" policy: they equal a fresh forward's to float precision (the
-        # first minibatch's ratio deviation is logged to prove it), so no extra policy forward is needed.
-        mask = roll.completion_mask.float()
-        with torch.no_grad():
-            old_values = value_head(roll.hidden) * mask
-            old_logprobs = roll.logprobs * mask
-            ref = score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                    roll.completion_mask, kv=ref_kv, temperature=cfg.temperature)
-            kl_tok = (old_logprobs - ref.logprobs) * mask            # k1 estimator per token
-            del ref
-        # --- 5. per-token rewards: -beta * KL everywhere, task score on the last real token ---
-        rewards = -kl_ctl.value * kl_tok
-        last = (roll.completion_mask.sum(1) - 1).clamp(min=0)
-        rewards[torch.arange(rewards.shape[0], device=device), last] += scores
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = dist.masked_whiten(advantages, mask)
+        # 3. reference log-probs, 4. advantages
+        ref_lp = reference_logprobs(model, roll, state.ref_kv, cfg.temperature)
+        batch = advantages(roll, scores, ref_lp, value_head, cfg, state.kl_ctl.value, dist)
         t_ref = time.perf_counter()
-
-        # --- 6. update: epochs of shuffled minibatches ---
-        prefix.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac",
-                                                         "ratio_max_dev")}
-        early_stopped = False
-        for epoch_i in range(cfg.epochs):
-            # one permutation of the *global* batch, the same on every process; each process takes the rows
-            # of each minibatch that it owns, and losses are normalised by the minibatch's global token
-            # count, so summed gradients equal those of a single process holding the whole batch.
-            perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(
-                _row_seed(cfg.seed, step, 10_000_019 + epoch_i)))
-            for start in range(0, cfg.batch_size, cfg.minibatch_size):
-                rows = perm[start:start + cfg.minibatch_size]
-                mb = (rows[(rows >= first_row) & (rows < first_row + local_batch)] - first_row).to(device)
-                m = mask[mb]
-                n_tokens = dist.sum(m.sum().item())
-                if len(mb):
-                    new = score_completions(model, roll.prompt_ids[mb], roll.prompt_mask[mb],
-                                            roll.completion_ids[mb], roll.completion_mask[mb], prefix,
-                                            temperature=cfg.temperature, output_hidden=True)
-                    values = value_head(new.hidden.detach())
-                    logratio = (new.logprobs - old_logprobs[mb]) * m
-                    entropy_tok = entropy_of(new.logits, cfg.temperature)
-                else:  # this process owns no row of this minibatch: contribute zero gradients
-                    values = logratio = entropy_tok = m
-                ratio = logratio.exp()
-                adv = advantages[mb]
-
-                def token_sum(x):  # sum over this process's tokens / tokens of the whole minibatch
-                    return (x * m).sum() / max(n_tokens, 1.0)
-
-                pg_loss = token_sum(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range,
-                                                                               1 + cfg.clip_range)))
-                if cfg.clip_range_value is not None:
-                    v_clipped = old_values[mb] + (values - old_values[mb]).clamp(-cfg.clip_range_value,
-                                                                                 cfg.clip_range_value)
-                    vf_loss = 0.5 * token_sum(torch.max((values - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2))
-                else:
-                    vf_loss = 0.5 * token_sum((values - returns[mb]) ** 2)
-                entropy = token_sum(entropy_tok)
-                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * vf_loss
-                opt.zero_grad(set_to_none=True)
-                if len(mb):
-                    loss.backward()
-                dist.sum_grads([p for g in groups for p in g["params"]])
-                for g in groups:
-                    torch.nn.utils.clip_grad_norm_(g["params"], cfg.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    approx_kl = dist.sum(token_sum((ratio - 1) - logratio).item())
-                    stats["pg_loss"].append(dist.sum(pg_loss.item()))
-                    stats["vf_loss"].append(dist.sum(vf_loss.item()))
-                    stats["entropy"].append(dist.sum(entropy.item()))
-                    stats["approx_kl"].append(approx_kl)
-                    stats["clipfrac"].append(dist.sum(token_sum(((ratio - 1).abs() > cfg.clip_range).float()).item()))
-                    dev = ((ratio - 1).abs() * m).max().item() if len(mb) else 0.0
-                    stats["ratio_max_dev"].append(dist.max(dev))
-                if cfg.target_kl_stop is not None and approx_kl > cfg.target_kl_stop:
-                    early_stopped = True
-                    break
-            if early_stopped:
-                break
+        # 5. the clipped-surrogate update
+        update_stats = ppo_update(model, prefix, value_head, opt, groups, batch, shard, step, cfg,
+                                  state.kl_ctl.value, dist)
+        _check_finite(step + 1, batch, prefix)
         t_train = time.perf_counter()
-
-        # --- 7. KL controller and metrics ---
-        seq_kl = dist.mean(kl_tok.sum(1).mean().item())
-        kl_ctl.update(seq_kl, cfg.batch_size)
-        var_ret = dist.masked_var(returns, mask)
-        explained_var = 1.0 - dist.masked_var(returns - old_values, mask) / var_ret if var_ret > 0 else float("nan")
-        g_scores = dist.gather_floats(scores.tolist())
-        step += 1
-        record = {
-            "reward/mean": sum(g_scores) / len(g_scores),
-            "reward/std": float(torch.tensor(g_scores).std()) if len(g_scores) > 1 else 0.0,
-            **{k: dist.mean(v) for k, v in reward_metrics.items()},
-            "kl": seq_kl, "kl_coef": kl_ctl.value,
-            **{f"policy/{k}": (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()
-               if k != "ratio_max_dev"},
-            "policy/ratio_dev_first_minibatch": stats["ratio_max_dev"][0],
-            "policy/early_stopped": float(early_stopped),
-            "value/explained_variance": explained_var,
-            "response_length": dist.mean(roll.completion_mask.sum(1).float().mean().item()),
-            "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/reference": t_ref - t_score,
-            "time/train": t_train - t_ref,
-        }
-        if eval_prompts is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            record["eval/reward"] = evaluate_reward(model, tokenizer, prefix, eval_prompts, scorer.reward,
-                                                    chat=cfg.chat, system=cfg.system, seed=cfg.seed,
-                                                    max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                                    temperature=cfg.temperature, dist=dist).mean
-        history.append({"step": step, **record})
+        # 6. metrics, KL controller, evaluation, checkpoint
+        record = {**step_metrics(batch, raw_scores, reward_metrics, cfg, dist), "kl_coef": state.kl_ctl.value,
+                  **update_stats, "time/generate": t_gen - t0, "time/score": t_score - t_gen,
+                  "time/reference": t_ref - t_score, "time/train": t_train - t_ref}
+        state.kl_ctl.update(record["kl"], cfg.batch_size)
+        state.step = step + 1
+        if eval_prompts is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            record["eval/reward"] = evaluate_reward(
+                model, tokenizer, prefix, eval_prompts, scorer.reward, chat=cfg.chat, system=cfg.system,
+                seed=cfg.seed, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                temperature=cfg.temperature, dist=dist).mean
+        state.history.append({"step": state.step, **record})
         if logger:
-            logger.log(step, record)
+            logger.log(state.step, record)
         if on_step:
-            on_step(step, record)
-        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{seq_kl:.2f}")
+            on_step(state.step, record)
+        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl']:.2f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
+        if out is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+            state.save(out / "ppo_checkpoint")
+
+    # --- cleanup ---
     bar.close()
     prefix.eval()
     if logger:
         logger.close()
-        plot_metrics(out / "ppo_metrics.jsonl", ["reward/mean", "kl", "policy/entropy", "value/explained_variance"],
-                     out / "ppo_curves.png", title="PPO")
-    return PPOResult(prefix, value_head, history, step, kl_ctl.value)
+        keys = ["reward/mean", "kl", "policy/entropy"] + (["value/explained_variance"] if cfg.uses_critic else [])
+        plot_metrics(out / "ppo_metrics.jsonl", keys, out / "ppo_curves.png", title=f"RL ({cfg.advantage})")
+    return PPOResult(prefix, value_head, state.history, state.step, state.kl_ctl.value)

@@ -5,10 +5,14 @@ import torch
 from rewards import RewardError
 from rlprefix import Prefix
 from rlprefix.generation import encode_prompts, sample
-from rlprefix.rl import PPOConfig, gae, ppo
+from rlprefix.rl import PPOConfig, gae, group_advantages, ppo
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello world", "a calm park with friendly people", "review film", "the food"] * 4
+
+
+# classic PPO as rlprefix 0.1 ran it: a value head, GAE, raw scores and the KL as a per-token reward
+GAE_V1 = dict(advantage="gae", kl_penalty="reward", reward_normalize=False, group_size=1)
 
 
 def cfg(**kw):
@@ -42,27 +46,33 @@ def test_gae_matches_hand_computation():
     assert torch.allclose(adv, expect) and torch.allclose(ret, (expect + values) * mask)
 
 
-def test_first_ratio_is_one_and_base_is_untouched(arch):
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_first_ratio_is_one_and_base_is_untouched(arch, advantage):
     model, tok = tiny_model(arch), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prefix = Prefix.for_model(model, 4, "mlp")
     p0 = {k: v.clone() for k, v in prefix.state_dict().items()}
-    res = ppo(model, tok, prefix, PROMPTS, token_reward(5), cfg())
+    res = ppo(model, tok, prefix, PROMPTS, token_reward(5), cfg(**GAE_V1 if advantage == "gae" else {}))
     for h in res.history:  # mixed prompt lengths -> left padding in every batch
         assert h["policy/ratio_dev_first_minibatch"] < 1e-4
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(p0[k], v) for k, v in prefix.state_dict().items())
-    assert any(p.abs().sum() > 0 for p in res.value_head.net[-1].parameters())
+    if advantage == "gae":
+        assert any(p.abs().sum() > 0 for p in res.value_head.net[-1].parameters())
+    else:
+        assert res.value_head is None  # critic-free: no value head is built or trained
 
 
-@pytest.mark.parametrize("arch,kind,lr,rank", [("llama", "kv", 3e-2, 2), ("gpt2", "mlp", 1e-2, 5)])
-def test_toy_reward_rises(arch, kind, lr, rank):
+@pytest.mark.parametrize("arch,kind,lr,rank,advantage", [("llama", "kv", 3e-2, 2, "gae"), ("gpt2", "mlp", 1e-2, 5, "gae"),
+                                                          ("llama", "kv", 3e-2, 2, "rloo"),
+                                                          ("gpt2", "mlp", 1e-2, 5, "grpo")])
+def test_toy_reward_rises(arch, kind, lr, rank, advantage):
     model, tok = tiny_model(arch, sharpen=6.0), tiny_tokenizer()
     target = common_token(model, tok, rank)
     prefix = Prefix.for_model(model, 8, kind, generator=torch.Generator().manual_seed(0))
     res = ppo(model, tok, prefix, PROMPTS, token_reward(target),
-              cfg(steps=40, batch_size=16, minibatch_size=8, epochs=4, max_new_tokens=8, lr=lr))
+              cfg(steps=40, batch_size=16, minibatch_size=8, epochs=4, max_new_tokens=8, lr=lr, **(GAE_V1 if advantage == "gae" else {"advantage": advantage})))
     rewards = [h["reward/mean"] for h in res.history]
     start, end = rewards[0], sum(rewards[-5:]) / 5  # step 1 is sampled before any update
     assert end > 0.3 and end > 3 * start, rewards
@@ -81,9 +91,10 @@ def test_reference_initial_starts_at_zero_kl():
     assert abs(res.history[0]["kl"]) < 1e-5
 
 
-def test_resume_continues_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_resume_continues_identically(tmp_path, advantage):
     model, tok = tiny_model("gpt2"), tiny_tokenizer()
-    config = cfg(steps=4, checkpoint_every=2)
+    config = cfg(steps=4, checkpoint_every=2, **(GAE_V1 if advantage == "gae" else {}))
 
     def fresh():
         return Prefix.for_model(model, 4, "kv", generator=torch.Generator().manual_seed(1))
@@ -102,7 +113,7 @@ def test_resume_continues_identically(tmp_path, monkeypatch):
     resumed = ppo(model, tok, fresh(), PROMPTS, token_reward(5), config, output_dir=tmp_path / "b")
     for k, v in full.prefix.state_dict().items():
         assert torch.equal(v, resumed.prefix.state_dict()[k])
-    for k, v in full.value_head.state_dict().items():
+    for k, v in (full.value_head.state_dict().items() if full.value_head else []):
         assert torch.equal(v, resumed.value_head.state_dict()[k])
     assert [h["reward/mean"] for h in full.history] == [h["reward/mean"] for h in resumed.history]
     assert [h["kl_coef"] for h in full.history] == [h["kl_coef"] for h in resumed.history]
@@ -143,3 +154,49 @@ def test_bad_config_and_prompts():
         ppo(model, tok, Prefix.for_model(model, 4, "kv"), [], token_reward(5), cfg())
     with pytest.raises(ValueError, match=r"needs column\(s\) \['prompt'\]"):
         ppo(model, tok, Prefix.for_model(model, 4, "kv"), [{"text": "x"}], token_reward(5), cfg())
+
+
+def test_group_advantages_match_hand_computation():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    rloo = group_advantages(scores, 4, "rloo")
+    expect = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2, 0, 0, 0, 0])
+    assert torch.allclose(rloo, expect)
+    grpo = group_advantages(scores, 4, "grpo")
+    g = scores[:4]
+    assert torch.allclose(grpo[:4], (g - g.mean()) / (g.std() + 1e-4)) and torch.all(grpo[4:] == 0)
+    # a row where no reward applies (NaN) takes no part in its group's baseline and gets advantage 0
+    with_nan = torch.tensor([1.0, float("nan"), 3.0, 5.0])
+    out = group_advantages(with_nan, 4, "rloo")
+    assert out[1] == 0 and torch.allclose(out[[0, 2, 3]], torch.tensor([1 - 4.0, 3 - 3.0, 5 - 2.0]))
+
+
+def test_reward_scale_does_not_change_learning():
+    """x0.1 and x10 of the same reward give the same learning with the defaults (advantages are whitened)."""
+    model, tok = tiny_model("llama", sharpen=6.0), tiny_tokenizer()
+    target = common_token(model, tok, 2)
+    curves = {}
+    for scale in (0.1, 1.0, 10.0):
+        base = token_reward(target)
+
+        def scaled(prompts, completions, completion_ids, _s=scale, **kw):
+            return [_s * v for v in base(prompts, completions, completion_ids)]
+
+        prefix = Prefix.for_model(model, 8, "kv", generator=torch.Generator().manual_seed(0))
+        res = ppo(model, tok, prefix, PROMPTS, scaled,
+                  PPOConfig(steps=12, batch_size=16, minibatch_size=8, lr=3e-2, max_new_tokens=8, progress=False))
+        curves[scale] = [h["reward/mean"] / scale for h in res.history]
+    for scale in (0.1, 10.0):
+        assert curves[scale] == pytest.approx(curves[1.0], abs=0.05), curves
+    assert sum(curves[1.0][-3:]) / 3 > 2 * curves[1.0][0], curves
+
+
+def test_bad_estimator_settings():
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        PPOConfig(advantage="a2c").validate()
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        PPOConfig(group_size=1, advantage="rloo").validate()
+    with pytest.raises(ValueError, match="multiple of ppo.group_size"):
+        PPOConfig(batch_size=32, group_size=3).validate()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="ppo.lr"):
+            PPOConfig(lr=bad).validate()
