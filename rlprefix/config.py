@@ -52,6 +52,7 @@ class PPOSection(PPOConfig):
     prompts: str | None = None             # file/dir/hub name with a `prompt` column (+ reward columns)
     eval_prompts: str | None = None        # held-out prompts for before/after evaluation
     eval_samples_per_prompt: int = 2
+    merge_prefix: bool = True              # RL trains plain K/V (an mlp prefix is merged first, outputs unchanged)
 
 
 @dataclass
@@ -108,11 +109,12 @@ RANGES: dict[str, tuple] = {
     "ppo.gamma": _UNIT, "ppo.lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ppo.clip_range": _POS,
     "ppo.clip_range_value": _POS, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG, "ppo.kl_coef": _NONNEG,
     "ppo.kl_target": _POS, "ppo.kl_horizon": _POS, "ppo.max_grad_norm": _POS, "ppo.target_kl_stop": _POS,
-    "ppo.eval_samples_per_prompt": _POS, "ppo.checkpoint_every": _POS, "ppo.top_k": _NONNEG,
+    "ppo.eval_samples_per_prompt": _POS, "ppo.checkpoint_every": _POS, "ppo.top_k": _NONNEG, "ppo.group_size": _POS,
     "compress.rank": (lambda v: v >= 1, ">= 1"), "compress.energy": _UNIT, "compress.max_kl": _POS,
 }
 _CHOICES = {"warm_start.precision": ("fp32", "bf16"), "warm_start.decay": ("cosine", "linear", "constant"),
-            "ppo.reference": ("base", "initial"), "ppo.on_reward_error": ("raise", "penalty")}
+            "ppo.reference": ("base", "initial"),
+            "ppo.advantage": ("rloo", "grpo", "gae"), "ppo.kl_penalty": ("loss", "reward"), "ppo.on_reward_error": ("raise", "penalty")}
 _EXPORTS = ("rlprefix", "peft")
 
 

@@ -19,8 +19,14 @@ class EvalResult:
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
 
+    @property
+    def se(self) -> float:
+        """Standard error of the mean reward: the sampling noise of this evaluation."""
+        return self.std / max(len(self.rewards), 1) ** 0.5
+
     def as_dict(self, samples: int = 0) -> dict:
-        out = {"reward_mean": self.mean, "reward_std": self.std, "kl_to_base": self.kl, "n": len(self.rewards)}
+        out = {"reward_mean": self.mean, "reward_std": self.std, "reward_se": self.se, "kl_to_base": self.kl,
+               "n": len(self.rewards)}
         if samples:
             out["samples"] = [{"prompt": p, "completion": c, "reward": r} for p, c, r in
                               list(zip(self.prompts, self.completions, self.rewards))[:samples]]

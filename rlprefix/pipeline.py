@@ -44,6 +44,14 @@ class Stages:
         return marker
 
 
+def rl_parameterisation(prefix, model, merge: bool):
+    """The one place that decides what RL trains: plain K/V (merge=True; an `mlp` or low-rank prefix is merged,
+    outputs unchanged) or the prefix as it is. A low-rank prefix is always merged (its factors are not trained)."""
+    if prefix.kind == "lowrank" or (merge and prefix.kind not in ("kv",)):
+        return prefix.merge(model)
+    return prefix
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -139,8 +147,12 @@ def run(cfg: RunConfig, log=print) -> dict:
             timings["warm_start"] = marker.get("seconds", 0.0)
         summary["warm_start"] = {k: v for k, v in marker.items() if k != "key"}
         log(f"warm start: best eval loss {marker['best_eval_loss']:.3f} (step {marker['best_step']})")
-    elif prefix.kind != "kv" and prefix.kind != "lowrank":
-        prefix = prefix.merge(model)
+        if cfg.ppo.enabled:  # what the warm start alone gives, so the summary shows what RL adds on top
+            mid = held_out_eval("eval_warm_start", _key(ws_key, base_key), prefix)
+            if mid:
+                summary["after_warm_start"] = mid
+                log(f"after warm start: mean reward {mid['reward_mean']:.3f} +- {mid['reward_se']:.3f}")
+    prefix = rl_parameterisation(prefix, model, cfg.ppo.merge_prefix if cfg.ppo.enabled else True)
 
     # --- stage 2: PPO ---
     ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward)
@@ -148,8 +160,6 @@ def run(cfg: RunConfig, log=print) -> dict:
         marker = stages.done("ppo", ppo_key)
         if marker is None:
             t = time.perf_counter()
-            if prefix.kind == "lowrank":
-                prefix = prefix.merge(model)
             res = ppo(model, tok, prefix, cfg.ppo.prompts, reward, ppo_cfg, output_dir=out / "ppo", dist=dist)
             prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
             if dist.is_main:
@@ -236,17 +246,25 @@ def render_summary(s: dict) -> str:
     lines = [f"# rlprefix run: {s.get('output_dir')}", "", f"- model: `{s.get('model')}`",
              f"- reward: `{json.dumps(s.get('reward'))}`"]
     b, a = s.get("before"), s.get("after")
-    if b and a:
-        lines += ["", "| | mean reward | std | KL to base (nats/seq) |", "|---|---|---|---|",
-                  f"| base model | {b['reward_mean']:.3f} | {b['reward_std']:.3f} | 0 |",
-                  f"| with prefix | {a['reward_mean']:.3f} | {a['reward_std']:.3f} | {a['kl_to_base']:.2f} |"]
+    rows = [("base model", b), ("after warm start", s.get("after_warm_start")),
+            ("after RL" if "ppo" in s else "with prefix", a)]
+    rows = [(name, r) for name, r in rows if r]
+    if len(rows) > 1:
+        lines += ["", "Held-out reward (mean +- standard error, the sampling noise of the evaluation):", "",
+                  "| | mean reward | s.e. | gain over the row above | KL to base (nats/seq) |", "|---|---|---|---|---|"]
+        prev = None
+        for name, r in rows:
+            se = r.get("reward_se", r["reward_std"] / max(r.get("n", 1), 1) ** 0.5)
+            gain = "" if prev is None else f"{r['reward_mean'] - prev:+.3f}"
+            lines.append(f"| {name} | {r['reward_mean']:.3f} | {se:.3f} | {gain} | {r.get('kl_to_base', 0.0):.2f} |")
+            prev = r["reward_mean"]
     if "warm_start" in s:
         lines += ["", f"- warm start: best eval loss {s['warm_start']['best_eval_loss']:.3f} "
                       f"at step {s['warm_start']['best_step']}"]
     if "ppo" in s:
         p = s["ppo"]
-        lines += [f"- PPO: {p['steps']} steps, last training reward {p.get('final_train_reward') or 0:.3f}, "
-                  f"KL {p.get('final_kl') or 0:.2f}"]
+        lines += [f"- RL: {p['steps']} steps, last training reward {p.get('final_train_reward') or 0:.3f}, "
+                  f"KL {p.get('final_kl') or 0:.2f} (curves: `ppo/ppo_curves.png`)"]
     c = s.get("compression")
     if c:
         line = (f"- compression ({c.get('scope', '')}): ranks {sorted(set(c.get('ranks', [])))}, "

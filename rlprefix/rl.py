@@ -194,14 +194,13 @@ def group_advantages(scores: torch.Tensor, group_size: int, method: str) -> torc
 class BatchShard:
     """Which global rows of a rollout batch this process owns, and the prompts for a step.
 
-    Rows are ordered prompt-major (row = prompt * group_size + j), so every group of completions of one
-    prompt lies on one process as long as the local batch is a multiple of the group size.
+    Rows are ordered prompt-major (row = prompt * group_size + j); a group may span processes, so group
+    baselines are computed on the gathered global scores (`advantages`).
     """
 
     def __init__(self, cfg: PPOConfig, n_prompts: int, dist: Dist):
-        if cfg.batch_size % dist.world_size or (cfg.batch_size // dist.world_size) % cfg.group_size:
-            raise ValueError(f"ppo.batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes "
-                             f"in whole groups of {cfg.group_size}")
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(f"ppo.batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes")
         self.cfg, self.dist, self.n_prompts = cfg, dist, n_prompts
         self.local = cfg.batch_size // dist.world_size
         self.first = dist.rank * self.local  # this process owns global rows [first, first + local)
@@ -255,7 +254,7 @@ class Batch:
 
 
 def advantages(roll: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor, value_head: ValueHead | None,
-               cfg: PPOConfig, kl_coef: float, dist: Dist) -> Batch:
+               cfg: PPOConfig, kl_coef: float, shard: BatchShard, dist: Dist) -> Batch:
     """Per-token advantages for the update (rows whose score is NaN are masked out of the loss)."""
     finite = torch.isfinite(scores)
     mask = roll.completion_mask.float() * finite.float().unsqueeze(1)
@@ -274,7 +273,9 @@ def advantages(roll: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor, 
         seq_scores = scores
         if cfg.kl_penalty == "reward":  # sequence-level KL penalty folded into the score before the baseline
             seq_scores = scores - kl_coef * kl_tok.sum(1)
-        adv = group_advantages(seq_scores, cfg.group_size, cfg.advantage).unsqueeze(1) * mask
+        global_scores = torch.tensor(dist.gather_floats(seq_scores.tolist()), dtype=torch.float32)
+        adv = group_advantages(global_scores, cfg.group_size, cfg.advantage)[shard.first:shard.first + shard.local]
+        adv = adv.to(mask.device).unsqueeze(1) * mask
     if cfg.whiten_advantages:
         adv = dist.masked_whiten(adv, mask)
     return Batch(roll, mask, old_logprobs, ref_logprobs * mask, adv, returns, old_values)
@@ -506,7 +507,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         t_score = time.perf_counter()
         # 3. reference log-probs, 4. advantages
         ref_lp = reference_logprobs(model, roll, state.ref_kv, cfg.temperature)
-        batch = advantages(roll, scores, ref_lp, value_head, cfg, state.kl_ctl.value, dist)
+        batch = advantages(roll, scores, ref_lp, value_head, cfg, state.kl_ctl.value, shard, dist)
         t_ref = time.perf_counter()
         # 5. the clipped-surrogate update
         update_stats = ppo_update(model, prefix, value_head, opt, groups, batch, shard, step, cfg,

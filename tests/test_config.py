@@ -104,7 +104,9 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
     metrics = [json.loads(line) for line in (run / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()]
     assert summary["ppo"]["steps"] == 3 == len(metrics)
     assert summary["ppo"]["final_train_reward"] == pytest.approx(metrics[-1]["reward/mean"])
-    assert summary["before"]["n"] == summary["after"]["n"] == 8
+    assert summary["before"]["n"] == summary["after"]["n"] == summary["after_warm_start"]["n"] == 8
+    assert summary["after_warm_start"]["reward_se"] >= 0
+    assert "| after warm start |" in (run / "summary.md").read_text()
     assert summary["compression"]["compression_ratio"] >= 1.0
     assert "| base model |" in (run / "summary.md").read_text()
     final = load_prefix(run / "prefix_ppo").kv.clone()
