@@ -94,6 +94,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     tmp = _tmp_sibling(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        honour_umask(tmp)  # safetensors creates the file anew
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
