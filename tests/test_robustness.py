@@ -14,12 +14,14 @@ import torch
 import rlprefix.io as rio
 from rewards import Composite, RewardError, Scorer
 from rlprefix import ArtifactError, Prefix, load_prefix
+from rlprefix.cli import main
 from rlprefix.checkpoint import load_checkpoint, save_checkpoint
 from rlprefix.evaluate import evaluate_reward
 from rlprefix.guards import NonFiniteError, assert_finite
 from rlprefix.lock import OutputLock
 from rlprefix.peft_export import export_peft
 from rlprefix.warmstart import WarmStartConfig, warm_start
+from test_config import REVIEWS, tiny_run_config, write_jsonl
 from tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +178,119 @@ def test_evaluation_ignores_none_rows_and_honours_the_penalty_policy():
     assert res.mean == -2.0
     with pytest.raises(ValueError, match="needs column"):
         evaluate_reward(model, tok, None, [{"text": "x"}], half, max_new_tokens=2)
+
+
+# ---- 2. stale results, config.yaml, non-finite stage, model recorded: one small run ------------------------
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_runs_never_reuse_stale_results_nor_clobber_user_files(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    path = tiny_run_config(tmp_path, compress={"enabled": False}, warm_start={"steps": 2},
+                           ppo={"steps": 2}, export={"formats": ["rlprefix"]})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("# my notes\nseed: 3\n")
+    assert main(["run", str(path)]) == 0
+    assert (run / "config.yaml").read_text() == "# my notes\nseed: 3\n"  # the user's file is kept
+    assert yaml.safe_load((run / "config.rlprefix.yaml").read_text())["ppo"]["steps"] == 2
+
+    # the held-out prompts edited in place: the evaluations are redone, not reused
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "brand new prompt"}] * 3)
+    code, err = _cli(capsys, "run", str(path))
+    assert code == 2 and "changed: ppo.prompts (content)" in err and str(run / "ppo") in err  # PPO used them too
+    write_jsonl(prompts, [{"prompt": r["prompt"]} for r in REVIEWS])
+    code, err = _cli(capsys, "run", str(path), "ppo.steps=1")
+    assert code == 2 and "ppo.steps=1 is below the 2 steps" in err, err
+
+    # a generate without --model finds the model the prefix was trained on
+    assert main(["generate", "--prefix", str(run / "prefix_ppo"), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--json"]) == 0
+
+    # a non-finite PPO result is never saved nor marked finished; the last good prefix stays
+    import rlprefix.rl as rl_mod
+
+    good = load_prefix(run / "prefix_ppo").kv.clone()
+    real = rl_mod.ppo
+
+    def diverges(model, tok, prefix, *a, **k):
+        res = real(model, tok, prefix, *a, **k)
+        with torch.no_grad():
+            res.prefix.kv.fill_(math.nan)
+        return res
+
+    monkeypatch.setattr(rl_mod, "ppo", diverges)
+    code, err = _cli(capsys, "run", str(path), "ppo.steps=3")
+    assert code == 2 and "PPO prefix became non-finite" in err and "step 3" in err, err
+    assert torch.equal(load_prefix(run / "prefix_ppo").kv, good)
+    assert json.loads((run / "stages" / "ppo.json").read_text())["steps"] == 2
+
+
+# ---- one line for every bad input --------------------------------------------------------------------------
+def test_every_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    import rlprefix.modeling as modeling
+
+    path = tiny_run_config(tmp_path)
+    model_dir = str(tmp_path / "model")
+    cfg = str(path)
+    Prefix.for_model(tiny_model("llama"), 2, "kv").save(tmp_path / "pre", {"model": model_dir})
+    manifest = json.loads((tmp_path / "pre" / "manifest.json").read_text())
+
+    def variant(name, change):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "prefix.safetensors").write_bytes((tmp_path / "pre" / "prefix.safetensors").read_bytes())
+        m = json.loads(json.dumps(manifest))
+        change(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        return str(d)
+
+    no_model = variant("no_model", lambda m: m.pop("model"))
+    unknown = variant("unknown", lambda m: m["config"].update(colour="red"))
+    length = variant("length", lambda m: (m.update(length=5), m["config"].update(length=5)))
+    (tmp_path / "dup.yaml").write_text(path.read_text() + "seed: 1\nseed: 2\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "cols.jsonl", [{"text": "x"}])
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "thesis.txt").write_text("keep")
+
+    loaded = []
+    real_load = modeling.load_model
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    before_model = [  # found before any model is loaded
+        ["run", str(tmp_path)],
+        ["run", str(tmp_path / "dup.yaml")],
+        ["run", cfg, f"output_dir={tmp_path / 'a_file'}"],
+        ["run", cfg, "reward.name=sentimnt"],
+        ["run", cfg, f"ppo.prompts={tmp_path / 'missing.jsonl'}"],
+        ["run", cfg, f"ppo.prompts={tmp_path / 'cols.jsonl'}"],
+        ["run", cfg, f"warm_start.data={tmp_path / 'empty.jsonl'}"],
+        ["run", cfg, "ppo.lr=.inf"],
+        ["eval", "--prefix", str(tmp_path / "pre"), "--prompts", "x.jsonl", "--samples", "0"],
+        ["info", no_model],
+    ]
+    after_model = [
+        ["eval", "--prefix", str(tmp_path / "pre"), "--prompts", str(tmp_path / "cols.jsonl"), "--reward", "length",
+         "--reward-option", "target=3", "--max-new-tokens", "2"],
+        ["generate", "--prefix", unknown, "--prompt", "hi"],
+        ["generate", "--prefix", length, "--prompt", "hi"],
+        ["export", str(tmp_path / "pre"), "--out", str(tmp_path / "victim")],
+    ]
+    capsys.readouterr()
+    for argv in before_model + after_model:
+        code, err = _cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        last = err.splitlines()[-1]  # (progress bars of `datasets` may come before it)
+        assert last.startswith("rlprefix: error: ") and err.count("rlprefix: error") == 1, (argv, err)
+        assert "Traceback" not in err, (argv, err)
+        if argv in before_model:
+            assert not loaded, argv
+    assert (tmp_path / "victim" / "thesis.txt").read_text() == "keep"
+    code, err = _cli(capsys, "info", length)
+    assert code == 0
