@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,12 +71,18 @@ def run(cfg: RunConfig, log=print) -> dict:
 
 
 def _recover_swaps(out: Path) -> None:
-    """Finish any artifact swap a crash interrupted (see io.recover_artifact_dir)."""
-    for d in (out, out / "warm_start", out / "ppo"):
+    """Finish any artifact swap a crash interrupted (see io.recover_artifact_dir), then remove the temporary
+    files and directories a crash left behind (safe: this process holds the output directory's lock)."""
+    for d in (out, out / "warm_start", out / "ppo", out / "stages"):
         names = {p.name.split(".")[1] for p in d.glob(".*.*")} if d.is_dir() else set()
         for name in names:
             if name:
                 recover_artifact_dir(d / name)
+        for tmp in d.glob(".*.tmp") if d.is_dir() else []:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _write_config(out: Path, cfg: RunConfig, log) -> None:

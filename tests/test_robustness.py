@@ -199,14 +199,18 @@ def test_runs_never_reuse_stale_results_nor_clobber_user_files(tmp_path, capsys,
     assert (run / "config.yaml").read_text() == "# my notes\nseed: 3\n"  # the user's file is kept
     assert yaml.safe_load((run / "config.rlprefix.yaml").read_text())["ppo"]["steps"] == 2
 
-    # the held-out prompts edited in place: the evaluations are redone, not reused
+    # the prompts edited in place: PPO's checkpoint is not resumed on other data
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "brand new prompt"}] * 3)
     code, err = _cli(capsys, "run", str(path))
     assert code == 2 and "changed: ppo.prompts (content)" in err and str(run / "ppo") in err  # PPO used them too
     write_jsonl(prompts, [{"prompt": r["prompt"]} for r in REVIEWS])
+    # a crash between the two renames of a swap, and a stray temporary file: repaired at the next start
+    os.replace(run / "prefix_ppo", run / ".prefix_ppo.old")
+    (run / ".summary.json.x1y2.tmp").write_text("{")
     code, err = _cli(capsys, "run", str(path), "ppo.steps=1")
     assert code == 2 and "ppo.steps=1 is below the 2 steps" in err, err
+    assert (run / "prefix_ppo" / "manifest.json").exists() and not list(run.glob(".*.tmp"))
 
     # a generate without --model finds the model the prefix was trained on
     assert main(["generate", "--prefix", str(run / "prefix_ppo"), "--prompt", "hi", "--max-new-tokens", "2",
