@@ -21,12 +21,12 @@ class Reward:
     def __init__(self):
         self.__name__ = self.name  # TRL names reward columns after __name__
 
-    def __call__(self, prompts=None, completions=None, **columns) -> list[float]:
+    def __call__(self, prompts=None, completions=None, **columns) -> list[float | None]:
         if completions is None:
             raise TypeError(f"reward {self.name!r} needs completions")
         completions = [as_text(c) for c in completions]
         prompts = [as_text(p) for p in prompts] if prompts is not None else [""] * len(completions)
-        return [float(x) for x in self.score(prompts, completions, **columns)]
+        return [None if x is None else float(x) for x in self.score(prompts, completions, **columns)]
 
     def score(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
         raise NotImplementedError

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .hygiene import check_values
 from .registry import build_reward, register
 
 
@@ -16,16 +17,15 @@ class Composite:
         self.last_components: dict[str, list[float]] = {}
         self.__name__ = "composite"
 
-    def __call__(self, prompts=None, completions=None, **columns) -> list[float]:
-        total = [0.0] * len(completions)
+    def __call__(self, prompts=None, completions=None, **columns) -> list[float | None]:
+        """Weighted sum per row; a component's None (TRL: "does not apply here") is left out of the sum, and a
+        row where every component is None is None."""
+        total: list[float | None] = [None] * len(completions)
         self.last_components = {}
         for name, fn, weight in self.components:
-            values = [float(v) for v in fn(prompts=prompts, completions=completions, **columns)]
-            if len(values) != len(completions):
-                raise ValueError(f"reward component {name!r} returned {len(values)} values for "
-                                 f"{len(completions)} completions")
+            values = check_values(name, fn(prompts=prompts, completions=completions, **columns), len(completions))
             self.last_components[name] = values
-            total = [t + weight * v for t, v in zip(total, values)]
+            total = [t if v is None else (t or 0.0) + weight * v for t, v in zip(total, values)]
         return total
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Literal
 
 import torch
@@ -9,6 +10,45 @@ import torch
 
 class RewardError(RuntimeError):
     """A reward raised or returned a non-finite value; the message names the reward and the sample."""
+
+
+def _number(x) -> float | None:
+    """A float from a number (Python, NumPy or 0-d tensor) or None; anything else raises TypeError."""
+    if x is None:
+        return None
+    if isinstance(x, (str, bytes, dict, list, tuple, set)):
+        raise TypeError(x)
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise TypeError(x)
+        return float(x.item())
+    if isinstance(x, numbers.Real) or (hasattr(x, "dtype") and getattr(x, "shape", None) == ()):
+        return float(x)
+    raise TypeError(x)
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_values(name: str, values, n: int) -> list[float | None]:
+    """A reward's output must be a sequence of n numbers (or None, TRL's "does not apply here")."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__} {_short(values)}; a reward must "
+                          f"return a list with one number (or None) per completion")
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(_number(v))
+        except (TypeError, ValueError):
+            raise RewardError(f"reward {name!r} returned {type(v).__name__} {_short(v)} for completion {i}; a reward "
+                              f"must return a number (or None) per completion") from None
+    if len(out) != n:
+        raise RewardError(f"reward {name!r} returned {len(out)} values for {n} completions")
+    return out
 
 
 class Scorer:
@@ -37,39 +77,49 @@ class Scorer:
             sample = f" at sample {index} (prompt {prompts[index]!r}, completion {completions[index]!r})"
         return RewardError(f"reward {self.name!r} {what}{sample}")
 
-    def raw(self, prompts: list[str], completions: list[str], **columns) -> tuple[list[float], int]:
+    def raw(self, prompts: list[str], completions: list[str], **columns) -> tuple[list[float], int, int]:
+        """(values, invalid count, none count); a None row (no reward applies) comes back as NaN."""
         try:
-            values = self.reward(prompts=prompts, completions=completions, **columns)
-            values = [float(v) if v is not None else math.nan for v in values]
+            out = self.reward(prompts=prompts, completions=completions, **columns)
         except RewardError:
             raise
         except Exception as e:  # noqa: BLE001 - reward code is user code
             if self.on_error == "raise":
                 raise self._fail(f"raised {type(e).__name__}: {e}", prompts, completions, None) from e
-            return [self.penalty] * len(completions), len(completions)
-        if len(values) != len(completions):
-            raise self._fail(f"returned {len(values)} values for {len(completions)} completions", prompts,
-                             completions, None)
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            return [self.penalty] * len(completions), len(completions), 0
+        checked = check_values(self.name, out, len(completions))  # a contract error always raises
+        none = [i for i, v in enumerate(checked) if v is None]
+        values = [math.nan if v is None else v for v in checked]
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v) and i not in none]
         if bad and self.on_error == "raise":
             raise self._fail(f"returned {values[bad[0]]}", prompts, completions, bad[0])
         for i in bad:
             values[i] = self.penalty
-        return values, len(bad)
+        return values, len(bad), len(none)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, dict]:
-        values, invalid = self.raw(prompts, completions, **columns)
+        """Rewards as a float tensor plus metrics.
+
+        Following TRL, a reward may return None for a row it does not apply to; such a row comes back as
+        NaN (counted in `reward/none`) and callers leave it out of means and of the loss. Statistics
+        (raw mean/std, running normalisation) use the finite rows only.
+        """
+        values, invalid, none = self.raw(prompts, completions, **columns)
         self.last_raw = list(values)  # before clipping / normalisation, for logging the reward as written
         self.invalid_total += invalid
         r = torch.tensor(values, dtype=torch.float32)
-        metrics = {"reward/raw_mean": r.mean().item(), "reward/raw_std": r.std().item() if len(r) > 1 else 0.0,
-                   "reward/invalid": invalid}
+        ok = r[torch.isfinite(r)]
+        metrics = {"reward/raw_mean": ok.mean().item() if len(ok) else math.nan,
+                   "reward/raw_std": ok.std().item() if len(ok) > 1 else 0.0,
+                   "reward/invalid": invalid, "reward/none": none}
         for name, comp in getattr(self.reward, "last_components", {}).items():
-            metrics[f"reward/{name}"] = sum(comp) / max(len(comp), 1)
+            finite = [v for v in comp if v is not None and math.isfinite(v)]
+            metrics[f"reward/{name}"] = sum(finite) / max(len(finite), 1)
         if self.clip is not None:
             r = r.clamp(-self.clip, self.clip)
         if self.normalize:
-            self.update_stats(torch.tensor(self.gather(r.tolist())) if self.gather else r)
+            ok = r[torch.isfinite(r)]
+            self.update_stats(torch.tensor(self.gather(ok.tolist())) if self.gather else ok)
             r = (r - self.mean) / (math.sqrt(self.m2 / max(self.count - 1, 1)) + 1e-8)
         return r, metrics
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import load_tensors, read_json, write_artifact_dir
+from .io import load_tensors, read_json, recover_artifact_dir, write_artifact_dir
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 
@@ -76,8 +76,10 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, meta) of a checkpoint directory, or None when there is none."""
+    """(tensors, meta) of a checkpoint directory, or None when there is none (after repairing a swap that a
+    crash interrupted, see `recover_artifact_dir`)."""
     path = Path(path)
+    recover_artifact_dir(path)
     if not (path / STATE_JSON).exists():
         return None
     return load_tensors(path / STATE_TENSORS), read_json(path / STATE_JSON)

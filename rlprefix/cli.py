@@ -35,7 +35,7 @@ def _options(pairs: list[str]) -> dict:
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"error: option {p!r} must look like key=value")
+            raise ValueError(f"option {p!r} must look like key=value")
         k, _, v = p.partition("=")
         out[k] = parse_value(v)
     return out
@@ -77,7 +77,8 @@ def cmd_eval(args) -> int:
     prefix = load_prefix(args.prefix, model)
     reward = build_reward({"name": args.reward, **_options(args.reward_option)},
                           {"model": model, "tokenizer": tok, "device": args.device})
-    kw = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples)
+    kw = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples,
+              on_error=args.on_reward_error, penalty=args.reward_penalty)
     base = evaluate_reward(model, tok, None, args.prompts, reward, **kw)
     with_prefix = evaluate_reward(model, tok, prefix, args.prompts, reward, **kw)
     report = {"base": base.as_dict(), "prefix": with_prefix.as_dict(), "gain": with_prefix.mean - base.mean}
@@ -87,15 +88,17 @@ def cmd_eval(args) -> int:
 
 def cmd_compress(args) -> int:
     from .lowrank import compress, compress_to_budget, fidelity_report
-    from .io import load_prefix
+    from .io import check_artifact_target, load_prefix
     from .modeling import load_model
+
+    check_artifact_target(args.out, args.force)  # before the work, not after it
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
     anchor = False if args.no_anchor else "auto"
     if args.max_kl is not None:
         if not args.prompts:
-            raise SystemExit("error: --max-kl needs --prompts to measure KL on")
+            raise ValueError("--max-kl needs --prompts to measure KL on")
         comp, trail = compress_to_budget(model, tok, prefix, args.prompts, args.max_kl, args.scope, anchor=anchor,
                                          dtype=args.dtype_store)
     else:
@@ -107,22 +110,23 @@ def cmd_compress(args) -> int:
               "ranks_tried": trail}
     if args.prompts:
         report.update(fidelity_report(model, tok, prefix, comp, args.prompts))
-    comp.save(args.out, {**meta, "compressed_from": str(args.prefix), "fidelity": report})
+    comp.save(args.out, {**meta, "compressed_from": str(args.prefix), "fidelity": report}, overwrite=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "relative_error_per_layer"}, indent=2))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .io import load_prefix
+    from .io import check_artifact_target, load_prefix
     from .modeling import load_model
     from .peft_export import export_peft
 
+    check_artifact_target(args.out, args.force)
     model, _ = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
     if args.format == "peft":
-        path = export_peft(prefix, model, args.out)
+        path = export_peft(prefix, model, args.out, overwrite=args.force)
     else:
-        prefix.save(args.out, getattr(prefix, "manifest", {}).get("provenance", {}))
+        prefix.save(args.out, getattr(prefix, "manifest", {}).get("provenance", {}), overwrite=args.force)
         path = Path(args.out)
     print(f"wrote {args.format} export to {path}")
     return 0
@@ -136,7 +140,8 @@ def cmd_info(args) -> int:
         print(json.dumps(manifest, indent=2))
         return 0
     m = manifest["model"]
-    print(f"{args.dir}: rlprefix prefix, format v{manifest['format_version']} (rlprefix {manifest['rlprefix_version']})")
+    print(f"{args.dir}: rlprefix prefix, format v{manifest['format_version']} "
+          f"(rlprefix {manifest.get('rlprefix_version', '?')})")
     print(f"  kind {manifest['kind']}, length {manifest['length']}, dtype {manifest['dtype']}")
     print(f"  model {m['model_type']}: {m['num_layers']} layers x {m['num_kv_heads']} kv heads x head_dim {m['head_dim']}"
           f" (fingerprint {m['fingerprint']})")
@@ -154,11 +159,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the same one-line form as every other error."""
+
+    def error(self, message):
+        self.exit(2, f"rlprefix: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
+    p = _Parser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
                                 "warm start, PPO, low-rank compression and export.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rlprefix {__import__('rlprefix').__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp, prefix_required=True):
@@ -191,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", required=True, help="file with a 'prompt' column (JSONL/CSV/Parquet)")
     e.add_argument("--reward", default="sentiment", help="built-in name or package.module:function")
     e.add_argument("--reward-option", action="append", help="key=value option for the reward (repeatable)")
-    e.add_argument("--samples", type=int, default=2, help="samples per prompt")
+    e.add_argument("--samples", type=_positive_int, default=2, help="samples per prompt (>= 1)")
+    e.add_argument("--on-reward-error", choices=["raise", "penalty"], default="raise",
+                   help="a reward that raises or returns NaN: stop, or score the sample --reward-penalty")
+    e.add_argument("--reward-penalty", type=float, default=-1.0)
     e.add_argument("--max-new-tokens", type=int, default=40)
     e.add_argument("--seed", type=int, default=0)
     model_args(e)
@@ -210,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--energy", type=float, help="keep this fraction of spectral energy")
     group.add_argument("--max-kl", type=float, help="smallest rank with mean per-token KL <= this (needs --prompts)")
     c.add_argument("--prompts", help="prompts for the fidelity report / KL budget")
+    c.add_argument("--force", action="store_true", help="replace whatever is at --out (by default only a "
+                                                        "previous rlprefix artifact is replaced)")
     model_args(c)
     c.set_defaults(func=cmd_compress)
 
@@ -217,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("prefix")
     x.add_argument("--format", choices=["rlprefix", "peft"], default="rlprefix")
     x.add_argument("--out", required=True)
+    x.add_argument("--force", action="store_true", help="replace whatever is at --out (by default only a "
+                                                        "previous rlprefix artifact or adapter is replaced)")
     model_args(x)
     x.set_defaults(func=cmd_export)
 
@@ -227,16 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# errors whose message says everything; for any other type the message is prefixed with the type's name
+PLAIN_ERRORS = ("ConfigError", "ArtifactError", "ModelMismatchError", "RewardError", "NonFiniteError",
+                "OutputDirLocked", "ValueError", "FileNotFoundError", "PermissionError", "IsADirectoryError",
+                "NotADirectoryError", "FileExistsError")
+
+
+def error_line(e: BaseException) -> str:
+    """One line for the user: the message, with the error's type when the message alone would be cryptic."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if type(e).__name__ not in PLAIN_ERRORS:
+        text = f"{type(e).__name__}: {text}"
+    return f"rlprefix: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .io import ArtifactError, ModelMismatchError
-
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except (ConfigError, ArtifactError, ModelMismatchError, FileNotFoundError) as e:
-        print(f"rlprefix {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every error reaches the user as one line (--debug: traceback)
+        if args.debug:
+            raise
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

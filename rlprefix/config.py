@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ def _build(cls, data: Any, path: str):
         ok, coerced = _type_ok(value, tp)
         if not ok:
             raise ConfigError(f"{full}: {value!r} is not {_type_name(tp)}")
+        if isinstance(coerced, float) and not math.isfinite(coerced):
+            raise ConfigError(f"{full}: {coerced!r} is not a finite number")
         if full in RANGES and coerced is not None:
             pred, allowed = RANGES[full]
             if not pred(coerced):
@@ -207,6 +210,20 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError(f"export.formats: {bad} not allowed (choose from {', '.join(_EXPORTS)})")
     if cfg.compress.rank is not None and cfg.compress.energy is not None:
         raise ConfigError("compress: set rank or energy, not both")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); each key may "
+                                  f"appear once per section")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_value(text: str) -> Any:
@@ -241,9 +258,13 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config {path} is not a file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")

@@ -169,9 +169,11 @@ class CompressedPrefix(nn.Module):
         """Bytes of the full float32 K/V over the bytes stored here (anchor ids cost a few bytes in the manifest)."""
         return self.full_parameters() * 4 / max(self.nbytes(), 1)
 
-    def save(self, path, metadata: dict | None = None) -> None:
+    def save(self, path, metadata: dict | None = None, *, overwrite: bool = False) -> None:
+        """Write the prefix to directory `path`; only a previous rlprefix artifact there is replaced, unless
+        `overwrite`. Record the base model as `metadata["model"]` so tools can find it."""
         from .io import save_prefix
-        save_prefix(self, path, metadata)
+        save_prefix(self, path, metadata, overwrite=overwrite)
 
 
 def compress(prefix, rank: int | None = None, energy: float | None = None, scope: Scope = "shared",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .io import honour_umask
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _ALIASES = {
     # alias -> (python package that ships the file, file name inside it)
@@ -120,6 +122,7 @@ def materialise_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -
             setattr(model, attr, None)
     model.is_quantized = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    honour_umask(tmp, directory=True)  # mkdtemp makes it 0700
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

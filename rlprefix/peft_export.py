@@ -37,11 +37,14 @@ def peft_adapter_config(model, length: int) -> dict:
 
 
 @torch.no_grad()
-def export_peft(prefix, model, out_dir: str | Path) -> Path:
-    """Write `prefix` (any kind, or a CompressedPrefix) as a PEFT adapter that `PeftModel.from_pretrained` loads."""
+def export_peft(prefix, model, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `prefix` (any kind, or a CompressedPrefix) as a PEFT adapter that `PeftModel.from_pretrained` loads.
+
+    Only a previous adapter (or rlprefix artifact, or an empty directory) at `out_dir` is replaced, unless
+    `overwrite`."""
     kv = prefix.key_values(model).detach().float().cpu()
     dtype = next(model.parameters()).dtype
     return write_artifact_dir(out_dir, {
         "adapter_model.safetensors": {"prompt_embeddings": kv_to_peft(kv).to(dtype)},
         "adapter_config.json": peft_adapter_config(model, kv.shape[2]),
-    })
+    }, overwrite=overwrite)

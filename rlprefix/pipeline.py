@@ -5,8 +5,10 @@ the same command skips finished stages and resumes an interrupted one from its c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +16,14 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dump_config, stage_config
-from .io import atomic_write_json, atomic_write_text, read_json
+from .distributed import Dist
+from .freshness import check_resume, content_hash
+from .guards import assert_finite
+from .io import atomic_write_json, atomic_write_text, read_json, recover_artifact_dir
+from .lock import OutputLock
+from .preflight import preflight
+
+CONFIG_HEADER = "# written by `rlprefix run`: the configuration of the run in this directory\n"
 
 
 def _device(name: str) -> str:
@@ -57,11 +66,64 @@ def _key(*parts) -> str:
 
 
 def run(cfg: RunConfig, log=print) -> dict:
-    """Run every enabled stage of `cfg`; returns the summary (also written to summary.json / summary.md)."""
-    from rewards import build_reward
+    """Run every enabled stage of `cfg`; returns the summary (also written to summary.json / summary.md).
+
+    The output directory is locked for the whole run (a second run into it is refused), and every input
+    is checked before the model is loaded."""
+    dist = Dist.from_env()
+    out = Path(cfg.output_dir)
+    preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out) if dist.is_main else contextlib.nullcontext():
+        return _run(cfg, log, dist, out)
+
+
+def _recover_swaps(out: Path) -> None:
+    """Finish any artifact swap a crash interrupted (see io.recover_artifact_dir), then remove the temporary
+    files and directories a crash left behind (safe: this process holds the output directory's lock)."""
+    for d in (out, out / "warm_start", out / "ppo", out / "stages"):
+        names = {p.name.split(".")[1] for p in d.glob(".*.*")} if d.is_dir() else set()
+        for name in names:
+            if name:
+                recover_artifact_dir(d / name)
+        for tmp in d.glob(".*.tmp") if d.is_dir() else []:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _write_config(out: Path, cfg: RunConfig, log) -> None:
+    """config.yaml, unless the user keeps a config.yaml of their own there (then config.rlprefix.yaml)."""
+    path = out / "config.yaml"
+    if path.is_file() and not path.read_text(errors="replace").startswith(CONFIG_HEADER):
+        path = out / "config.rlprefix.yaml"
+        log(f"{out / 'config.yaml'} was not written by rlprefix; keeping it and writing the run's config to {path}")
+    atomic_write_text(path, CONFIG_HEADER + dump_config(cfg))
+
+
+def _check_checkpoints(cfg: RunConfig, out: Path, stages: "Stages", keys: dict) -> None:
+    """An unfinished stage may only resume a checkpoint written with the same settings and data."""
+    skip = {"progress", "enabled", "steps", "checkpoint_every", "eval_every", "eval_prompts",
+            "eval_samples_per_prompt", "eval_max_new_tokens", "log_every", "data", "eval_data", "prompts"}
+    if cfg.warm_start.enabled and stages.done("warm_start", keys["ws"]) is None:
+        parts = {f"warm_start.{k}": v for k, v in asdict(cfg.warm_start).items() if k not in skip - {"steps"}}
+        parts.update({"warm_start.data (content)": content_hash(cfg.warm_start.data),
+                      "warm_start.eval_data (content)": content_hash(cfg.warm_start.eval_data),
+                      "starting prefix": keys["prefix"]})
+        check_resume(out / "warm_start", out / "warm_start" / "checkpoint", parts, cfg.warm_start.steps,
+                     "warm_start.steps", "warm start")
+    if cfg.ppo.enabled and stages.done("ppo", keys["ppo"]) is None:
+        parts = {f"ppo.{k}": v for k, v in asdict(cfg.ppo).items() if k not in skip}
+        parts.update({"reward": cfg.reward, "ppo.prompts (content)": content_hash(cfg.ppo.prompts),
+                      "starting prefix (warm start)": keys["ws"] if cfg.warm_start.enabled else keys["prefix"]})
+        check_resume(out / "ppo", out / "ppo" / "ppo_checkpoint", parts, cfg.ppo.steps, "ppo.steps", "PPO")
+
+
+def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
+    from rewards import Scorer, build_reward
 
     from .lowrank import compress, compress_to_budget, fidelity_report
-    from .distributed import Dist
     from .evaluate import evaluate_reward
     from .io import load_prefix
     from .modeling import load_model
@@ -70,12 +132,19 @@ def run(cfg: RunConfig, log=print) -> dict:
     from .prefix import Prefix
     from .warmstart import WarmStartConfig, warm_start
 
-    dist = Dist.from_env()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, dist)
+    eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
+    eval_hash = content_hash(eval_prompts)
+    prefix_key = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
+    ws_key = _key(prefix_key, asdict(cfg.warm_start), content_hash(cfg.warm_start.data),
+                  content_hash(cfg.warm_start.eval_data))
+    ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward,
+                   content_hash(cfg.ppo.prompts))
     if dist.is_main:
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        _recover_swaps(out)
+        _check_checkpoints(cfg, out, stages, {"prefix": prefix_key, "ws": ws_key, "ppo": ppo_key})
+        _write_config(out, cfg, log)
+    dist.barrier()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
 
@@ -86,11 +155,12 @@ def run(cfg: RunConfig, log=print) -> dict:
     model, tok = load_model(cfg.model.name, cfg.model.dtype, device)
     timings["load_model"] = time.perf_counter() - t
     log(f"model {cfg.model.name} on {device}: loaded in {timings['load_model']:.1f}s")
-    reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
+    raw_reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
+    # evaluations score raw rewards with the run's error policy; PPO wraps raw_reward with its own clip/normalise
+    reward = Scorer(raw_reward, on_error=cfg.ppo.on_reward_error, penalty=cfg.ppo.reward_penalty)
     reward_names = [c.get("name") for c in cfg.reward.get("components", [])] or [cfg.reward["name"]]
     ppo_cfg: PPOConfig = stage_config(cfg.ppo, PPOConfig)
     ppo_cfg.progress = cfg.logging.progress
-    eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
     eval_kw = dict(chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed + 12345,
                    max_new_tokens=ppo_cfg.eval_max_new_tokens or ppo_cfg.max_new_tokens,
                    temperature=ppo_cfg.temperature, samples_per_prompt=cfg.ppo.eval_samples_per_prompt)
@@ -105,7 +175,6 @@ def run(cfg: RunConfig, log=print) -> dict:
     else:
         prefix = Prefix.for_model(model, cfg.prefix.length, cfg.prefix.kind, mlp_hidden=cfg.prefix.mlp_hidden,
                                   generator=torch.Generator().manual_seed(cfg.seed))
-    prefix_key = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed)
 
     def held_out_eval(name: str, key: str, with_prefix) -> dict | None:
         """Reward (and KL) on the held-out prompts, cached in a stage marker."""
@@ -119,14 +188,14 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     # --- baseline: the frozen model without prefix on the held-out prompts ---
     summary: dict = {"model": cfg.model.name, "reward": cfg.reward, "output_dir": str(out)}
-    base_key = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw)
+    base_key = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw, eval_hash, cfg.ppo.on_reward_error,
+                    cfg.ppo.reward_penalty)
     before = held_out_eval("eval_base", base_key, None)
     if before:
         summary["before"] = before
         log(f"base model: mean reward {before['reward_mean']:.3f} on {before['n']} held-out samples")
 
     # --- stage 1: warm start ---
-    ws_key = _key(prefix_key, asdict(cfg.warm_start))
     if cfg.warm_start.enabled:
         marker = stages.done("warm_start", ws_key)
         if marker is None:
@@ -136,8 +205,10 @@ def run(cfg: RunConfig, log=print) -> dict:
             res = warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg, eval_dataset=cfg.warm_start.eval_data,
                              output_dir=out / "warm_start", dist=dist)
             prefix = res.prefix
+            assert_finite("warm-start prefix", res.steps_done, prefix.key_values(model))
             if dist.is_main:
-                prefix.save(out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss})
+                prefix.save(out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
+                                                       "model": cfg.model.name})
             timings["warm_start"] = time.perf_counter() - t
             marker = stages.finish("warm_start", ws_key, {
                 "best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done,
@@ -155,15 +226,15 @@ def run(cfg: RunConfig, log=print) -> dict:
     prefix = rl_parameterisation(prefix, model, cfg.ppo.merge_prefix if cfg.ppo.enabled else True)
 
     # --- stage 2: PPO ---
-    ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward)
     if cfg.ppo.enabled:
         marker = stages.done("ppo", ppo_key)
         if marker is None:
             t = time.perf_counter()
-            res = ppo(model, tok, prefix, cfg.ppo.prompts, reward, ppo_cfg, output_dir=out / "ppo", dist=dist)
+            res = ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, output_dir=out / "ppo", dist=dist)
             prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
+            assert_finite("PPO prefix", res.steps_done, prefix.key_values(model))
             if dist.is_main:
-                prefix.save(out / "prefix_ppo", {"stage": "ppo", "reward": reward_names,
+                prefix.save(out / "prefix_ppo", {"stage": "ppo", "reward": reward_names, "model": cfg.model.name,
                                                  "final_reward": res.history[-1]["reward/mean"] if res.history else None})
             timings["ppo"] = time.perf_counter() - t
             last = res.history[-1] if res.history else {}

@@ -155,9 +155,11 @@ class Prefix(nn.Module):
         return {"kind": self.kind, "length": self.length, "mlp_hidden": self.mlp_hidden,
                 "mlp_input_dim": self.mlp_input_dim, "init_ids": self.init_ids}
 
-    def save(self, path, metadata: dict | None = None) -> None:
+    def save(self, path, metadata: dict | None = None, *, overwrite: bool = False) -> None:
+        """Write the prefix to directory `path`; only a previous rlprefix artifact there is replaced, unless
+        `overwrite`. Record the base model as `metadata["model"]` so tools can find it."""
         from .io import save_prefix
-        save_prefix(self, path, metadata)
+        save_prefix(self, path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, model=None) -> "Prefix":

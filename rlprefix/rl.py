@@ -41,6 +41,7 @@ from .data import load_records, require_columns
 from .distributed import Dist
 from .evaluate import evaluate_reward
 from .generation import Rollout, encode_prompts, sample
+from .guards import assert_finite
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import entropy_of, score_completions
@@ -442,15 +443,6 @@ class _State:
             "world_size": self.dist.world_size})
 
 
-def _check_finite(step: int, batch: Batch, prefix: Prefix) -> None:
-    """Stop at the first non-finite update, before it can reach a checkpoint."""
-    bad = [name for name, p in prefix.named_parameters() if not torch.isfinite(p).all()]
-    if bad or not torch.isfinite(batch.advantages).all():
-        raise FloatingPointError(f"PPO step {step}: non-finite values in "
-                                 f"{', '.join(bad) or 'advantages'} (learning rate too high, or a reward "
-                                 f"out of range?); the last checkpoint is kept")
-
-
 def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPOConfig | None = None, *,
         eval_prompts=None, output_dir: str | Path | None = None, resume: bool = True,
         on_step: Callable[[int, dict], None] | None = None, dist: Dist | None = None) -> PPOResult:
@@ -512,7 +504,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         # 5. the clipped-surrogate update
         update_stats = ppo_update(model, prefix, value_head, opt, groups, batch, shard, step, cfg,
                                   state.kl_ctl.value, dist)
-        _check_finite(step + 1, batch, prefix)
+        assert_finite("PPO update (prefix or advantages)", step + 1, batch.advantages, *prefix.parameters())
         t_train = time.perf_counter()
         # 6. metrics, KL controller, evaluation, checkpoint
         record = {**step_metrics(batch, raw_scores, reward_metrics, cfg, dist), "kl_coef": state.kl_ctl.value,

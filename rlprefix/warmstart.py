@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
+from .guards import assert_finite
 from .data import SFTExample, collate_sft, load_records, tokenize_sft
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
@@ -106,10 +107,16 @@ def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_
     return total / max(count, 1)
 
 
-def _config_hash(config: WarmStartConfig, prefix: Prefix, n_train: int) -> str:
-    blob = json.dumps({**asdict(config), "progress": None, "prefix": prefix.config_dict(), "n": n_train},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _config_hash(config: WarmStartConfig, prefix: Prefix, train: list[SFTExample]) -> str:
+    """What a checkpoint is only valid for: the settings, the starting prefix and the training data content."""
+    h = hashlib.sha256(json.dumps({**asdict(config), "progress": None, "prefix": prefix.config_dict(),
+                                   "n": len(train)}, sort_keys=True, default=str).encode())
+    for ex in train:
+        h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+    for name, t in sorted(prefix.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -148,7 +155,7 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     out = Path(output_dir) if output_dir else None
     step, best_loss, best_step, history, evals_since_best = 0, math.inf, 0, [], 0
     best_state = {k: v.detach().clone() for k, v in prefix.state_dict().items()}
-    cfg_hash = _config_hash(cfg, prefix, len(train))
+    cfg_hash = _config_hash(cfg, prefix, train)
     if out is not None and resume:
         ckpt = resume_checkpoint(out / "checkpoint", cfg_hash, "warm-start config or dataset")
         if ckpt is not None:
@@ -200,12 +207,15 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
         dist.sum_grads(list(prefix.parameters()))
         loss_sum = dist.sum(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(prefix.parameters(), cfg.max_grad_norm).item()
+        assert_finite("warm-start loss or gradient", step + 1, loss_sum, grad_norm)
         opt.step()
         step += 1
+        assert_finite("warm-start prefix", step, *prefix.parameters())
         record = {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                   "epoch": micro[-1] / micro_per_epoch, "time/step": time.perf_counter() - t_step}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_loss = evaluate_loss(model, prefix, evals, pad_id, precision=cfg.precision, dist=dist)
+            assert_finite("warm-start eval loss", step, eval_loss)
             record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
             if eval_loss < best_loss:
                 best_loss, best_step, evals_since_best = eval_loss, step, 0
