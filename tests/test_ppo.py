@@ -200,3 +200,18 @@ def test_bad_estimator_settings():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ppo.lr"):
             PPOConfig(lr=bad).validate()
+
+
+def test_rows_without_a_reward_are_left_out(tmp_path):
+    """TRL's convention: None = this reward does not apply; such rows take no part in the loss or the mean."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    base = token_reward(5)
+
+    def partial(prompts, completions, completion_ids, **kw):
+        values = base(prompts, completions, completion_ids)
+        return [None if i % 2 else v for i, v in enumerate(values)]
+
+    res = ppo(model, tok, Prefix.for_model(model, 4, "kv"), PROMPTS, partial, cfg(steps=2))
+    for h in res.history:
+        assert h["reward/none"] == 4 and torch.isfinite(torch.tensor(h["reward/mean"]))
+        assert h["policy/ratio_dev_first_minibatch"] < 1e-4
