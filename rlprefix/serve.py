@@ -313,16 +313,22 @@ async def _stream(server: Server, request: Request, req, entry: ServedPrefix, fu
         results = await wait_rows(request, futures, server.metrics)
     except ClientGone:
         return
-    for index, res in enumerate(results):
-        text, reason = finish(res, stops)
-        if chat:
-            yield sse(chat_chunk(rid, entry.name, index, {"role": "assistant", "content": ""}, None))
-        for piece in text_pieces(server.tok, res.token_ids, text):
-            yield sse(chat_chunk(rid, entry.name, index, {"content": piece}, None) if chat
-                      else completion_chunk(rid, entry.name, index, piece, None))
-        yield sse(chat_chunk(rid, entry.name, index, {}, reason) if chat
-                  else completion_chunk(rid, entry.name, index, "", reason))
-    yield sse("[DONE]")
+    sent = False
+    try:
+        for index, res in enumerate(results):
+            text, reason = finish(res, stops)
+            if chat:
+                yield sse(chat_chunk(rid, entry.name, index, {"role": "assistant", "content": ""}, None))
+            for piece in text_pieces(server.tok, res.token_ids, text):
+                yield sse(chat_chunk(rid, entry.name, index, {"content": piece}, None) if chat
+                          else completion_chunk(rid, entry.name, index, piece, None))
+            yield sse(chat_chunk(rid, entry.name, index, {}, reason) if chat
+                      else completion_chunk(rid, entry.name, index, "", reason))
+        yield sse("[DONE]")
+        sent = True
+    finally:
+        if not sent:  # the client left while the reply was being written
+            server.metrics.inc("rlprefix_rows_cancelled_total", len(futures))
     _record(server, request.url.path, entry.name, sum(len(r.token_ids) for r in results), start)
 
 
