@@ -133,6 +133,7 @@ def main() -> None:
     path = write_result(args.out, {"model": args.model, "device": "cpu", "max_tokens": args.max_tokens,
                                    "prefixes": len(names), "prefix_length": args.prefix_length, "rows": rows,
                                    "server_batch_metrics": batch_lines,
+                                   "load_average_after": os.getloadavg(),
                                    "decode": "rlprefix.serve._decode_batch: rows grouped by prefix, one "
                                              "generation.sample call per group (pre-engine)"})
     print(f"wrote {path}")

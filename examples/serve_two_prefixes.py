@@ -1,7 +1,7 @@
 """Two prefixes, one model, one server: train two small prefixes, serve both, query both with the openai client.
 
-    python examples/serve_two_prefixes.py                 # SmolLM2-135M-Instruct on CPU, about 2 minutes
-    python examples/serve_two_prefixes.py --steps 5       # quicker, weaker prefixes
+    python examples/serve_two_prefixes.py                 # SmolLM2-135M-Instruct on CPU
+    python examples/serve_two_prefixes.py --steps 4       # quicker (about 3 min on 2 busy cores), weaker prefixes
 
 Each prefix gets a short warm start on completions written in its own style (an upbeat one and a terse one),
 both are saved under one directory, `rlprefix serve` serves them (and the bare model as `base`), and the same

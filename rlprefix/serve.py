@@ -333,8 +333,11 @@ async def _stream(server: Server, request: Request, req, entry: ServedPrefix, fu
 
 
 def serve_main(args) -> int:
-    """Entry point of `rlprefix serve` (args: model, prefixes, host, port, max_batch, batch_wait_ms, dtype, device)."""
+    """Entry point of `rlprefix serve` (args: model, prefixes, host, port, max_batch, batch_wait_ms, threads, dtype,
+    device)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     model_name = args.model or "smollm2-135m-instruct"
     model, tok = load_model(model_name, args.dtype, args.device)
     store = PrefixStore(model, args.prefixes)
