@@ -120,6 +120,8 @@ class Server:
         return entry
 
     def encode_completion(self, prompt) -> list[list[int]]:
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         out = []
