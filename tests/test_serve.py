@@ -257,3 +257,24 @@ def test_health_and_metrics(served):
                  "rlprefix_request_latency_seconds_count", "rlprefix_prefixes"):
         assert name in text
     assert 'status="404"' in text and 'status="200"' in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_saved_by_peft_itself_is_read_exactly(tmp_path, arch):
+    """An adapter PEFT wrote (not rlprefix's export) gives PEFT's logits when served from its two files."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from rlprefix.prefix_store import load_served
+    from rlprefix.runtime import forward
+
+    peft_model = get_peft_model(tiny_model(arch), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    peft_model.save_pretrained(tmp_path)
+    base = tiny_model(arch)
+    kind, kv = load_served(tmp_path, base)
+    ids = torch.tensor([[5, 9, 12, 40]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    got = forward(base, ids, torch.ones_like(ids), kv=kv).logits
+    assert kind == "peft" and torch.allclose(got, want, atol=1e-5)
