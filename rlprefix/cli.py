@@ -15,6 +15,7 @@ EPILOG = """examples:
   rlprefix compress runs/quickstart/prefix_ppo --out runs/c8 --rank 8
   rlprefix export runs/quickstart/prefix_ppo --format peft --out runs/peft
   rlprefix info runs/quickstart/prefix_compressed
+  rlprefix serve --prefixes runs/served --port 8000
 """
 
 
@@ -166,6 +167,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rlprefix: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve_main
+
+    return serve_main(args)
+
+
+def add_serve_parser(sub, model_args) -> None:
+    s = sub.add_parser("serve", help="serve every prefix under a directory on one model (OpenAI-compatible HTTP)",
+                       description="One frozen model, many prefixes: each artifact directory under --prefixes "
+                                   "(full, compressed or a PEFT prefix-tuning adapter) is served under its name, "
+                                   "the bare model as 'base'; select one with the request's 'model' field.")
+    s.add_argument("--prefixes", required=True, help="directory whose subdirectories are prefix artifacts")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=32, help="most rows (completions) decoded together")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather rows for a batch")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
                                 "warm start, PPO, low-rank compression and export.", epilog=EPILOG,
@@ -244,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    add_serve_parser(sub, model_args)
     return p
 
 

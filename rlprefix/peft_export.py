@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .io import write_artifact_dir
+from .io import ArtifactError, ModelMismatchError, load_tensors, read_json, write_artifact_dir
 from .modeling import kv_spec
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_TENSORS_FILE = "adapter_model.safetensors"
 
 
 def kv_to_peft(kv: torch.Tensor) -> torch.Tensor:
@@ -48,3 +51,27 @@ def export_peft(prefix, model, out_dir: str | Path, overwrite: bool = False) -> 
         "adapter_model.safetensors": {"prompt_embeddings": kv_to_peft(kv).to(dtype)},
         "adapter_config.json": peft_adapter_config(model, kv.shape[2]),
     }, overwrite=overwrite)
+
+
+def load_peft_kv(path: str | Path, model) -> torch.Tensor:
+    """Read a PEFT prefix-tuning adapter directory (JSON + safetensors only) as [L, 2, P, kv_dim] for `model`.
+
+    PEFT adapters carry no architecture fingerprint, so the check is on the layout: layer count and the
+    width of `prompt_embeddings` must match the model's KV geometry.
+    """
+    path = Path(path)
+    cfg = read_json(path / PEFT_CONFIG_FILE)
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise ArtifactError(f"{path} is a {cfg.get('peft_type')!r} PEFT adapter, not PREFIX_TUNING")
+    if cfg.get("prefix_projection"):
+        raise ArtifactError(f"{path} uses prefix_projection (an MLP encoder); only plain prompt_embeddings are read")
+    emb = load_tensors(path / PEFT_TENSORS_FILE).get("prompt_embeddings")
+    if emb is None or emb.dim() != 2:
+        raise ArtifactError(f"{path / PEFT_TENSORS_FILE} holds no 2-D 'prompt_embeddings' tensor")
+    spec = kv_spec(model)
+    want = spec.num_layers * 2 * spec.kv_dim
+    if cfg.get("num_layers", spec.num_layers) != spec.num_layers or emb.shape[1] != want:
+        raise ModelMismatchError(f"{path} was made for a different model: adapter has {cfg.get('num_layers')} layers "
+                                 f"and prompt_embeddings width {emb.shape[1]}, the model [{spec.describe()}] needs "
+                                 f"{spec.num_layers} layers and width {want}")
+    return peft_to_kv(emb.float(), spec.num_layers)

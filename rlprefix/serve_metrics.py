@@ -1,0 +1,73 @@
+"""Prometheus text exposition for the server: counters, gauges and histograms, thread-safe, no dependency."""
+from __future__ import annotations
+
+import bisect
+import threading
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def _labels(labels: dict) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{str(v)}"' for k, v in sorted(labels.items())) + "}"
+
+
+class Metrics:
+    HELP = {
+        "rlprefix_requests_total": ("counter", "HTTP API requests by endpoint, model and status"),
+        "rlprefix_prompt_tokens_total": ("counter", "prompt tokens submitted for decoding"),
+        "rlprefix_completion_tokens_total": ("counter", "completion tokens returned"),
+        "rlprefix_rows_cancelled_total": ("counter", "rows whose client went away before the reply"),
+        "rlprefix_queue_rows": ("gauge", "rows waiting for a decode batch"),
+        "rlprefix_prefixes": ("gauge", "prefixes served, base included"),
+        "rlprefix_batch_rows": ("histogram", "rows per decode batch"),
+        "rlprefix_batch_prefixes": ("histogram", "distinct prefixes per decode batch"),
+        "rlprefix_request_latency_seconds": ("histogram", "request latency from arrival to full reply"),
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, tuple], float] = {}
+        self._hist: dict[str, tuple[tuple, list[int], list[float]]] = {
+            "rlprefix_batch_rows": (BATCH_BUCKETS, [0] * (len(BATCH_BUCKETS) + 1), [0.0]),
+            "rlprefix_batch_prefixes": (BATCH_BUCKETS, [0] * (len(BATCH_BUCKETS) + 1), [0.0]),
+            "rlprefix_request_latency_seconds": (LATENCY_BUCKETS, [0] * (len(LATENCY_BUCKETS) + 1), [0.0]),
+        }
+
+    def inc(self, name: str, value: float = 1, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + value
+
+    def set(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[(name, ())] = value
+
+    def observe(self, name: str, value: float) -> None:
+        buckets, counts, total = self._hist[name]
+        with self._lock:
+            counts[bisect.bisect_left(buckets, value)] += 1
+            total[0] += value
+
+    def render(self) -> str:
+        with self._lock:
+            lines = []
+            for name, (kind, text) in self.HELP.items():
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+                if kind == "histogram":
+                    lines += self._render_hist(name)
+                else:
+                    series = [(k[1], v) for k, v in self._values.items() if k[0] == name] or [((), 0)]
+                    lines += [f"{name}{_labels(dict(lab))} {v:g}" for lab, v in sorted(series)]
+            return "\n".join(lines) + "\n"
+
+    def _render_hist(self, name: str) -> list[str]:
+        buckets, counts, total = self._hist[name]
+        out, acc = [], 0
+        for bound, c in zip(buckets, counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {acc}')
+        acc += counts[-1]
+        return out + [f'{name}_bucket{{le="+Inf"}} {acc}', f"{name}_sum {total[0]:g}", f"{name}_count {acc}"]

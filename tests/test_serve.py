@@ -1,0 +1,280 @@
+"""`rlprefix serve` end to end: a real server process on 127.0.0.1, called with the `openai` client and raw HTTP.
+
+One server for the module (a tiny random llama + tiny prefixes of every artifact kind); its replies must equal
+the prompt sampled alone in-process (`encode_prompts` + `sample` with the original prefix and the row's seed,
+what `rlprefix.generate` does), whatever else shares the batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from rlprefix import Prefix, compress, export_peft, kv_spec, load_model
+from rlprefix.generation import encode_prompts, sample
+from rlprefix.runtime import prefix_kv
+from tiny import save_tiny, tiny_model
+
+# The sampler `serve._decode_batch` calls. TODO(engine): rlprefix.engine.sample once _decode_batch uses the engine.
+SAMPLE = sample
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["hello world", "Write a one-sentence review of a coffee shop.", "The film was", "good great"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefix(spec, length: int, seed: int) -> Prefix:
+    return Prefix(spec, length, "kv", init_std=1.0, generator=torch.Generator().manual_seed(seed))
+
+
+class Served:
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen, log: Path, model, tok, prefixes: dict):
+        self.root, self.port, self.proc, self.log = root, port, proc, log
+        self.model, self.tok, self.prefixes = model, tok, prefixes
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def post(self, path: str, body) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read().decode()
+
+    def reference(self, name: str, prompt: str, *, chat: bool, seed: int, max_tokens: int, temperature: float) -> str:
+        """This prompt alone, sampled in-process with the original prefix and the row's seed (greedy at T=0)."""
+        ids, mask = encode_prompts(self.tok, [prompt], chat=chat)
+        kw = dict(do_sample=False) if temperature == 0 else dict(temperature=temperature)
+        kv = prefix_kv(self.model, self.prefixes.get(name))
+        return SAMPLE(self.model, self.tok, ids, mask, kv=kv, max_new_tokens=max_tokens, row_seeds=[seed], **kw).texts[0]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    save_tiny(root / "model", "llama")
+    model, tok = load_model(str(root / "model"))
+    spec = kv_spec(model)
+    prefixes = {"alpha": _prefix(spec, 4, 1), "beta": _prefix(spec, 6, 2),
+                "gamma": compress(_prefix(spec, 5, 3), rank=2, anchor=False), "delta": _prefix(spec, 3, 4)}
+    for name in ("alpha", "beta", "gamma"):
+        prefixes[name].save(root / "prefixes" / name)
+    export_peft(prefixes["delta"], model, root / "prefixes" / "delta")  # served from the PEFT adapter files
+    Prefix(kv_spec(tiny_model("gpt2")), 4, "kv").save(root / "prefixes" / "wrongarch")  # another architecture
+    port, log = _free_port(), root / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "rlprefix.cli", "serve", "--model", str(root / "model"), "--prefixes",
+           str(root / "prefixes"), "--host", "127.0.0.1", "--port", str(port), "--max-batch", "32",
+           "--batch-wait-ms", "20"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        yield Served(root, port, proc, log, model, tok, prefixes)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_models_listed_and_other_architecture_refused(served):
+    ids = [m.id for m in served.client.models.list().data]
+    assert ids == ["base", "alpha", "beta", "delta", "gamma"]
+    refusals = [line for line in served.log.read_text().splitlines() if "refusing prefix 'wrongarch'" in line]
+    assert len(refusals) == 1 and "different model" in refusals[0]
+
+
+@pytest.mark.parametrize("name", ["base", "alpha", "gamma", "delta"])
+def test_completion_equals_in_process_sample(served, name):
+    for temperature, seed in ((0.9, 11), (0.0, 0)):
+        got = served.client.completions.create(model=name, prompt=PROMPTS[1], max_tokens=12,
+                                               temperature=temperature, seed=seed)
+        want = served.reference(name, PROMPTS[1], chat=False, seed=seed, max_tokens=12, temperature=temperature)
+        assert got.choices[0].text == want
+        assert got.model == name and got.usage.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("name", ["base", "alpha", "delta"])
+def test_chat_completion_equals_in_process_sample(served, name):
+    got = served.client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                max_tokens=10, temperature=0.8, seed=5)
+    want = served.reference(name, PROMPTS[0], chat=True, seed=5, max_tokens=10, temperature=0.8)
+    assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
+
+
+def _job(i: int) -> dict:
+    return dict(model=["alpha", "beta", "gamma", "delta"][i % 4], prompt=PROMPTS[i % 3], seed=100 + i,
+                max_tokens=4 + i % 9, temperature=[0.7, 1.0][i % 2])
+
+
+def test_32_concurrent_requests_equal_their_single_results(served):
+    jobs = [_job(i) for i in range(32)]
+    alone = [served.post("/v1/completions", job)[1]["choices"][0]["text"] for job in jobs]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda job: served.client.completions.create(**job).choices[0].text, jobs))
+    assert together == alone
+    metrics = served.get("/metrics")
+    rows = float(re.search(r"^rlprefix_batch_rows_sum (\S+)", metrics, re.M).group(1))
+    batches = float(re.search(r"^rlprefix_batch_rows_count (\S+)", metrics, re.M).group(1))
+    assert rows > batches  # some batches really held several rows
+
+
+def test_n_choices_use_consecutive_seeds(served):
+    got = served.client.completions.create(model="beta", prompt=PROMPTS[2], max_tokens=8, seed=40, n=3)
+    for j, choice in enumerate(got.choices):
+        assert choice.text == served.reference("beta", PROMPTS[2], chat=False, seed=40 + j, max_tokens=8,
+                                               temperature=1.0)
+
+
+def test_streaming_yields_the_same_text(served):
+    kw = dict(model="gamma", max_tokens=14, seed=9, temperature=0.9)
+    plain = served.client.completions.create(prompt=PROMPTS[3], **kw).choices[0].text
+    chunks = list(served.client.completions.create(prompt=PROMPTS[3], stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == plain
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    msgs = [{"role": "user", "content": PROMPTS[3]}]
+    plain = served.client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+    stream = served.client.chat.completions.create(messages=msgs, stream=True, **kw)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == plain
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "alpha", "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "alpha", "prompt": [5] * 300}, 400, "prompt"),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": 1000}, 400, "max_tokens"),
+    ({"model": "alpha"}, 400, "prompt"),
+    ({"model": "alpha", "prompt": []}, 400, "prompt"),
+    ({"model": "alpha", "prompt": "hi", "n": 0}, 400, "n"),
+    (b"{not json", 400, None),
+])
+def test_bad_requests_get_openai_errors(served, body, status, param):
+    code, reply = served.post("/v1/completions", body)
+    assert code == status and reply["error"]["param"] == param and reply["error"]["message"]
+    code, reply = served.post("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 3})
+    assert code == 200 and len(reply["choices"]) == 1  # the server keeps serving
+
+
+def test_chat_errors_and_openai_client_exceptions(served):
+    code, reply = served.post("/v1/chat/completions", {"model": "alpha", "messages": []})
+    assert code == 400 and reply["error"]["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        served.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        served.client.completions.create(model="base", prompt="hi", top_p=1.5)
+
+
+def _metric(served, name: str) -> float:
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)", served.get("/metrics"), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_client_disconnect_frees_its_slot(served):
+    """Streaming clients that leave while their rows wait behind a busy batch: the rows never reach the model."""
+    cancelled, decoded = (_metric(served, n) for n in ("rlprefix_rows_cancelled_total", "rlprefix_batch_rows_sum"))
+    busy = {"model": "beta", "prompt": "hello", "max_tokens": 120, "n": 4}
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        blocker = pool.submit(served.post, "/v1/completions", busy)
+        time.sleep(0.2)
+        body = json.dumps({"model": "alpha", "prompt": "hello", "max_tokens": 200, "stream": True, "n": 4}).encode()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert blocker.result(timeout=60)[0] == 200
+        busy_s = time.monotonic() - started
+    deadline = time.monotonic() + 20
+    while _metric(served, "rlprefix_rows_cancelled_total") < cancelled + 12 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(served, "rlprefix_rows_cancelled_total") == cancelled + 12
+    assert served.client.completions.create(model="alpha", prompt="hi", max_tokens=3).choices  # still serving
+    if busy_s > 0.8:  # the leavers were noticed while queued (polled every 0.1 s): only the 4 + 1 rows ran
+        assert _metric(served, "rlprefix_batch_rows_sum") == decoded + 5
+
+
+def test_reload_and_first_use_pick_up_new_prefixes(served):
+    spec = kv_spec(served.model)
+    served.prefixes["epsilon"] = _prefix(spec, 4, 5)
+    served.prefixes["epsilon"].save(served.root / "prefixes" / "epsilon")
+    code, report = served.post("/v1/prefixes/reload", {})
+    assert code == 200 and report["loaded"] == ["epsilon"] and "epsilon" in report["models"]
+    got = served.client.completions.create(model="epsilon", prompt=PROMPTS[0], max_tokens=6, seed=2)
+    assert got.choices[0].text == served.reference("epsilon", PROMPTS[0], chat=False, seed=2, max_tokens=6,
+                                                   temperature=1.0)
+    shutil.rmtree(served.root / "prefixes" / "epsilon")
+    served.prefixes["zeta"] = _prefix(spec, 2, 6)
+    served.prefixes["zeta"].save(served.root / "prefixes" / "zeta")
+    time.sleep(1.1)  # unknown names trigger a rescan at most once a second
+    assert served.client.completions.create(model="zeta", prompt="hi", max_tokens=2).model == "zeta"
+    assert [m.id for m in served.client.models.list().data] == ["base", "alpha", "beta", "delta", "gamma", "zeta"]
+
+
+def test_health_and_metrics(served):
+    assert json.loads(served.get("/health"))["status"] == "ok"
+    served.post("/v1/completions", {"model": "nope", "prompt": "hi"})
+    served.post("/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 2})
+    text = served.get("/metrics")
+    for name in ("rlprefix_requests_total", "rlprefix_completion_tokens_total", "rlprefix_batch_rows_bucket",
+                 "rlprefix_request_latency_seconds_count", "rlprefix_prefixes"):
+        assert name in text
+    assert 'status="404"' in text and 'status="200"' in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_saved_by_peft_itself_is_read_exactly(tmp_path, arch):
+    """An adapter PEFT wrote (not rlprefix's export) gives PEFT's logits when served from its two files."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from rlprefix.prefix_store import load_served
+    from rlprefix.runtime import forward
+
+    peft_model = get_peft_model(tiny_model(arch), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    peft_model.save_pretrained(tmp_path)
+    base = tiny_model(arch)
+    kind, kv = load_served(tmp_path, base)
+    ids = torch.tensor([[5, 9, 12, 40]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    got = forward(base, ids, torch.ones_like(ids), kv=kv).logits
+    assert kind == "peft" and torch.allclose(got, want, atol=1e-5)
