@@ -171,3 +171,23 @@ def test_bad_input_fails_clearly(tokenizer):
         sample(llama, tokenizer, ids, mask, bank=PrefixBank(llama, [ok]), prefix_index=torch.tensor([0, 1, 0, 0]))
     with pytest.raises(ValueError, match="row_seeds has 2 seeds for 4 rows"):
         sample(llama, tokenizer, ids, mask, row_seeds=[1, 2])
+
+
+def test_evaluate_reward_scores_several_prefixes_in_one_pass(tokenizer):
+    from rlprefix import evaluate_reward
+
+    model = tiny_model("llama", sharpen=3.0)
+    pa, pb = prefix_of(model, 3, 12), prefix_of(model, 5, 13)
+
+    def length_reward(prompts, completions, **k):
+        return [float(len(c)) for c in completions]
+
+    kw = dict(max_new_tokens=8, seed=1, samples_per_prompt=2, batch_size=6)
+    together = evaluate_reward(model, tokenizer, {"base": None, "a": pa, "b": pb}, PROMPTS, length_reward, **kw)
+    for name, p in (("base", None), ("a", pa), ("b", pb)):
+        alone = evaluate_reward(model, tokenizer, p, PROMPTS, length_reward, **kw)
+        assert together[name].completions == alone.completions and together[name].rewards == alone.rewards
+        assert abs(together[name].kl - alone.kl) < 1e-5
+    assert together["base"].kl == 0.0 and together["a"].kl != 0.0
+    as_list = evaluate_reward(model, tokenizer, [None, pa], PROMPTS, length_reward, **kw)
+    assert [r.completions for r in as_list] == [together["base"].completions, together["a"].completions]
