@@ -230,6 +230,10 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"the engine passes its own 4D attention mask, which needs attn_implementation 'sdpa' or "
+                         f"'eager'; this model uses {attn!r}")
     device = model.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     rows = prompt_ids.shape[0]
@@ -301,6 +305,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if compile:
             torch.compiler.cudagraph_mark_step_begin()
         logits, h = step_fn(model, ids.unsqueeze(1), pos, decode_mask(key_valid, slot, dtype), cache, return_hidden)
+        if compile:  # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
+            logits, h = logits.clone(), (h.clone() if h is not None else None)
         slot += 1
         counter += 1
     return _rollout(tokenizer, prompt_ids[:rows:groups], prompt_mask[:rows:groups], tokens, alive, logps, hidden,
@@ -342,7 +348,8 @@ def _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows: int):
 
 def _row_seeds(row_seeds, rows: int, generator, device) -> torch.Tensor:
     if row_seeds is None:
-        row_seeds = torch.randint(0, 2**62, (rows,), generator=generator).tolist()
+        where = generator.device if generator is not None else "cpu"
+        row_seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=where).tolist()
     if len(row_seeds) != rows:
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} rows")
     return seed_halves(row_seeds, device)
