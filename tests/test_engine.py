@@ -215,3 +215,24 @@ def test_engine_on_the_real_model(real_model):
     assert torch.equal(mixed.completion_ids[1, :n], alone.completion_ids[0, :n])
     # other batch shapes round fp32 matmuls differently over 30 layers: 1e-5 relative (seen: 1.3e-5 on -8.75)
     assert torch.allclose(mixed.logprobs[1, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_path_bookkeeping_on_cpu(tokenizer, monkeypatch):
+    """The compiled path's bucketing (3 rows padded to 4, cache length rounded to 64) and pooled cache reuse give
+    the same result as the plain path; the compiled step itself is replaced by the eager one (no GPU here)."""
+    import rlprefix.engine as eng
+
+    model = tiny_model("llama", sharpen=3.0)
+    pa, pb = prefix_of(model, 3, 14), prefix_of(model, 6, 15)
+    bank = PrefixBank(model, [pa, pb])
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:3])
+    kw = dict(bank=bank, prefix_index=torch.tensor([1, -1, 0]), row_seeds=[4, 5, 6], max_new_tokens=9,
+              return_hidden=True)
+    plain = sample(model, tokenizer, ids, mask, compile=False, **kw)
+    monkeypatch.setattr(eng, "compiled_step", lambda m: eng.model_step)
+    for _ in range(2):  # the second call reuses (and resets) the pooled cache
+        bucketed = sample(model, tokenizer, ids, mask, compile=True, **kw)
+        assert torch.equal(plain.completion_ids, bucketed.completion_ids)
+        assert (plain.logprobs - bucketed.logprobs).abs().max() < 1e-5
+        assert (plain.hidden - bucketed.hidden).abs().max() < 1e-5
+    assert list(eng._CACHES[model]) == [(4, 64)]
