@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 from .modeling import DEFAULT_MODEL, KVSpec, kv_spec, load_model  # noqa: E402
 from .prefix import Prefix  # noqa: E402
 from .io import ArtifactError, ModelMismatchError, load_prefix, save_prefix  # noqa: E402
-from .generation import encode_prompts, generate, sample  # noqa: E402
+from .generation import encode_prompts, sample  # noqa: E402
+from .engine import PrefixBank, generate  # noqa: E402
 from .warmstart import WarmStartConfig, WarmStartResult, warm_start  # noqa: E402
 from .rl import PPOConfig, PPOResult, ppo  # noqa: E402
 from .lowrank import CompressedPrefix, compress, compress_to_budget, fidelity_report  # noqa: E402
@@ -12,6 +13,6 @@ from .peft_export import export_peft  # noqa: E402
 from .evaluate import evaluate_reward  # noqa: E402
 
 __all__ = ["__version__", "DEFAULT_MODEL", "KVSpec", "kv_spec", "load_model", "Prefix", "ArtifactError",
-           "ModelMismatchError", "load_prefix", "save_prefix", "generate", "sample", "encode_prompts",
+           "ModelMismatchError", "load_prefix", "save_prefix", "generate", "PrefixBank", "sample", "encode_prompts",
            "WarmStartConfig", "WarmStartResult", "warm_start", "PPOConfig", "PPOResult", "ppo", "CompressedPrefix",
            "compress", "compress_to_budget", "fidelity_report", "export_peft", "evaluate_reward"]

@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate
+    from .engine import generate
     from .io import load_prefix
     from .modeling import load_model
 

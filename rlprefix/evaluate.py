@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import load_records, require_columns
-from .generation import encode_prompts, sample
-from .runtime import prefix_kv, score_completions
+from .engine import PrefixBank, sample
+from .generation import encode_prompts
+from .runtime import score_completions
 
 
 @dataclass
@@ -23,7 +24,8 @@ class EvalResult:
     @property
     def se(self) -> float:
         """Standard error of the mean reward: the sampling noise of this evaluation."""
-        return self.std / max(len(self.rewards), 1) ** 0.5
+        n = sum(1 for r in self.rewards if math.isfinite(r))
+        return self.std / max(n, 1) ** 0.5
 
     def as_dict(self, samples: int = 0) -> dict:
         out = {"reward_mean": self.mean, "reward_std": self.std, "reward_se": self.se, "kl_to_base": self.kl,
@@ -38,43 +40,78 @@ class EvalResult:
 def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | None = None,
                     system: str | None = None, seed: int = 0, max_new_tokens: int = 40, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, batch_size: int = 32, samples_per_prompt: int = 1,
-                    dist=None, on_error: str = "raise", penalty: float = -1.0) -> EvalResult:
+                    dist=None, on_error: str = "raise", penalty: float = -1.0):
     """Sample `samples_per_prompt` completions per prompt with a fixed seed and score them.
 
     The same seed gives the base model and a prefixed model the same random stream, which makes
-    before/after comparisons less noisy. A plain reward is wrapped in a Scorer with `on_error`/`penalty`
-    (pass a Scorer to choose otherwise); rows where no reward applies (None -> NaN) are left out of the
-    mean and std.
+    before/after comparisons less noisy. `prefix` may also be a list or a dict of prefixes (None = the
+    base model): they are evaluated together in one pass (each batch carries every prefix, on the rollout
+    engine's per-row prefixes), and a list or dict of EvalResult comes back. A plain reward is wrapped in a
+    Scorer with `on_error`/`penalty` (pass a Scorer to choose otherwise); rows where no reward applies
+    (None -> NaN) are left out of the mean and std.
     """
     from rewards import Scorer
 
     if samples_per_prompt < 1:
         raise ValueError(f"samples per prompt must be >= 1, got {samples_per_prompt}")
+    named = prefix if isinstance(prefix, dict) else dict(enumerate(prefix)) if isinstance(prefix, list) else {0: prefix}
     ds = load_records(prompts)
     require_columns(ds, ["prompt"], "evaluation")
     rows = [ds[i] for i in range(len(ds)) for _ in range(samples_per_prompt)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))]  # one stream per sample, whatever the batching
     if dist is not None and dist.world_size > 1:
         rows, seeds = rows[dist.rank::dist.world_size], seeds[dist.rank::dist.world_size]
-    kv = prefix_kv(model, prefix)
     scorer = reward if isinstance(reward, Scorer) else Scorer(reward, on_error=on_error, penalty=penalty)
-    rewards, texts, kls = [], [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+    keys = list(named)
+    bank, slots = _bank(model, named)
+    per = max(1, batch_size // len(keys))
+    acc = {k: ([], [], []) for k in keys}  # rewards, texts, kls
+    for i in range(0, len(rows), per):
+        chunk = rows[i:i + per]
         p = [r["prompt"] for r in chunk]
         cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
         ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
-        roll = sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, row_seeds=seeds[i:i + batch_size])
-        values, _ = scorer(p, roll.texts, **cols)
-        rewards += values.tolist()
-        texts += roll.texts
-        if kv is not None:
-            base = score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                     roll.completion_mask, temperature=temperature).logprobs
-            kls += ((roll.logprobs - base) * roll.completion_mask).sum(1).tolist()
-        else:
-            kls += [0.0] * len(chunk)
+        n = len(chunk)
+        index = torch.tensor([slots[k] for k in keys]).repeat_interleave(n)
+        roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), bank=bank,
+                      prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, row_seeds=seeds[i:i + n] * len(keys))
+        kls = _kl_to_base(model, roll, index, temperature)
+        for j, k in enumerate(keys):
+            texts = roll.texts[j * n:(j + 1) * n]
+            values, _ = scorer(p, texts, **cols)
+            acc[k][0].extend(values.tolist())
+            acc[k][1].extend(texts)
+            acc[k][2].extend(kls[j * n:(j + 1) * n])
+    results = {k: _result(acc[k][0], acc[k][2], acc[k][1], rows, dist) for k in keys}
+    if isinstance(prefix, dict):
+        return results
+    if isinstance(prefix, list):
+        return [results[k] for k in keys]
+    return results[0]
+
+
+def _bank(model, named: dict):
+    """A PrefixBank of the non-None prefixes and each key's slot in it (-1 for the base model)."""
+    present = {k: p for k, p in named.items() if p is not None and getattr(p, "length", 1) != 0}
+    if not present:
+        return None, {k: -1 for k in named}
+    bank = PrefixBank(model, {str(k): p for k, p in present.items()})
+    return bank, {k: (bank.index(str(k)) if k in present else -1) for k in named}
+
+
+def _kl_to_base(model, roll, index: torch.Tensor, temperature: float) -> list[float]:
+    """Per-row KL(policy || base) on the sampled tokens; 0 for rows sampled without a prefix."""
+    with_prefix = (index >= 0).to(roll.completion_mask.device)
+    if not bool(with_prefix.any()):
+        return [0.0] * len(index)
+    base = score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                             temperature=temperature).logprobs
+    kl = ((roll.logprobs - base) * roll.completion_mask).sum(1)
+    return torch.where(with_prefix, kl, torch.zeros_like(kl)).tolist()
+
+
+def _result(rewards, kls, texts, rows, dist) -> EvalResult:
     if dist is not None and dist.world_size > 1:
         rewards, kls = dist.gather_floats(rewards), dist.gather_floats(kls)
     t = torch.tensor(rewards)
