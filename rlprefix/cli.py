@@ -19,6 +19,15 @@ EPILOG = """examples:
 """
 
 
+class _RunHelp(argparse.RawDescriptionHelpFormatter):
+    """`rlprefix run --help` ends with every config section and key, from the settings' own metadata."""
+
+    def format_help(self) -> str:
+        from .config import reference  # imports torch: only when this help is shown
+
+        return super().format_help() + "\nconfig keys (key: default  # help [allowed]):\n" + reference() + "\n"
+
+
 def _model_for(prefix_dir: str, explicit: str | None) -> str:
     from .io import read_manifest
     from .modeling import DEFAULT_MODEL
@@ -204,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a YAML config: warm start -> PPO -> compress -> export",
                        description="Run every enabled stage of a config into its output_dir. Rerunning resumes: "
-                                   "finished stages are skipped, an interrupted one continues from its checkpoint.")
+                                   "finished stages are skipped, an interrupted one continues from its checkpoint.",
+                       formatter_class=_RunHelp)
     r.add_argument("config", help="YAML config file (see configs/)")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.steps=50 reward.name=sentiment")
     r.set_defaults(func=cmd_run)

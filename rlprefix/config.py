@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,154 +13,114 @@ import yaml
 
 from .modeling import DEFAULT_MODEL
 from .rl import PPOConfig
+from .settings import (NONNEG, POSITIVE, UNIT, Check, ConfigError, Settings, at_least, describe, each_of,
+                       setting, type_hints)
 from .warmstart import WarmStartConfig
 
-
-class ConfigError(ValueError):
-    """A config key, type or value is wrong; the message names the key."""
-
-
-@dataclass
-class ModelSection:
-    name: str = DEFAULT_MODEL              # alias, hub id, local dir, or .gguf file
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "parse_value", "stage_config",
+           "dump_config", "reference"]
 
 
 @dataclass
-class PrefixSection:
-    length: int = 10
-    kind: Literal["mlp", "kv", "prompt"] = "mlp"   # the parameterisation trained in the warm start
-    init: Literal["random", "text"] = "text"
-    init_text: str = "Write a warm, friendly and positive reply."
-    mlp_hidden: int = 512
-    from_dir: str | None = None            # start from a saved prefix instead of initialising one
+class ModelSection(Settings):
+    section = "model"
+    name: str = setting(DEFAULT_MODEL, "alias, hub id, local dir, or .gguf file")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "weights of the frozen model")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
+class PrefixSection(Settings):
+    section = "prefix"
+    length: int = setting(10, "virtual tokens", at_least(1))
+    kind: Literal["mlp", "kv", "prompt"] = setting("mlp", "the parameterisation trained in the warm start")
+    init: Literal["random", "text"] = setting("text", "start from init_text's K/V or at random")
+    init_text: str = setting("Write a warm, friendly and positive reply.", "text whose K/V start the prefix")
+    mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation", POSITIVE)
+    from_dir: str | None = setting(None, "start from a saved prefix instead of initialising one")
 
 
 @dataclass
 class WarmStartSection(WarmStartConfig):
-    enabled: bool = True
-    data: str | None = None                # JSONL/CSV/Parquet file, local dataset dir or hub name
-    eval_data: str | None = None
+    enabled: bool = setting(True, "run this stage")
+    data: str | None = setting(None, "JSONL/CSV/Parquet file, local dataset dir or hub name (prompt/completion)")
+    eval_data: str | None = setting(None, "held-out prompt/completion pairs (default: eval_fraction of data)")
 
 
 @dataclass
 class PPOSection(PPOConfig):
-    enabled: bool = True
-    prompts: str | None = None             # file/dir/hub name with a `prompt` column (+ reward columns)
-    eval_prompts: str | None = None        # held-out prompts for before/after evaluation
-    eval_samples_per_prompt: int = 2
-    merge_prefix: bool = True              # RL trains plain K/V (an mlp prefix is merged first, outputs unchanged)
+    enabled: bool = setting(True, "run this stage")
+    prompts: str | None = setting(None, "file/dir/hub name with a `prompt` column (+ reward columns)")
+    eval_prompts: str | None = setting(None, "held-out prompts for before/after evaluation (default: prompts)")
+    eval_samples_per_prompt: int = setting(2, "completions per held-out prompt", POSITIVE)
+    merge_prefix: bool = setting(True, "RL trains plain K/V (an mlp prefix is merged first, outputs unchanged)")
 
 
 @dataclass
-class CompressSection:
-    enabled: bool = True
-    scope: Literal["shared", "matrix", "whole"] = "matrix"
-    anchor: bool = True                    # factorise only the change from the init text's K/V (when there is one)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"   # storage of the factors
-    rank: int | None = None
-    energy: float | None = None
-    max_kl: float | None = 0.05            # with rank and energy unset: smallest rank with per-token KL <= max_kl
-    eval_reward: bool = True               # measure reward retained on the eval prompts
+class CompressSection(Settings):
+    section = "compress"
+    enabled: bool = setting(True, "run this stage")
+    scope: Literal["shared", "matrix", "whole"] = setting("matrix", "what one factorisation covers")
+    anchor: bool = setting(True, "factorise only the change from the init text's K/V (when there is one)")
+    dtype: Literal["float32", "float16", "bfloat16"] = setting("float16", "storage of the factors")
+    rank: int | None = setting(None, "fixed rank", at_least(1))
+    energy: float | None = setting(None, "smallest rank keeping this fraction of spectral energy", UNIT)
+    max_kl: float | None = setting(0.05, "with rank and energy unset: smallest rank with per-token KL <= max_kl",
+                                   POSITIVE)
+    eval_reward: bool = setting(True, "measure reward retained on the eval prompts")
+
+    def check_fields_together(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise ConfigError("compress: set rank or energy, not both")
 
 
 @dataclass
-class ExportSection:
-    formats: list[str] = field(default_factory=lambda: ["rlprefix", "peft"])
+class ExportSection(Settings):
+    section = "export"
+    formats: list[str] = setting(help="artifacts written at the end", check=each_of("rlprefix", "peft"),
+                                 default_factory=lambda: ["rlprefix", "peft"])
 
 
 @dataclass
-class LoggingSection:
-    tensorboard: bool = True
-    samples: int = 6                        # sample completions shown in the summary
-    progress: bool = True
+class LoggingSection(Settings):
+    section = "logging"
+    tensorboard: bool = setting(True, "also write TensorBoard event files (when tensorboard is installed)")
+    samples: int = setting(6, "sample completions shown in the summary", NONNEG)
+    progress: bool = setting(True, "progress bars (false turns every stage's bar off)")
 
 
 @dataclass
-class RunConfig:
-    output_dir: str = "runs/quickstart"
-    seed: int = 0
-    model: ModelSection = field(default_factory=ModelSection)
-    prefix: PrefixSection = field(default_factory=PrefixSection)
-    reward: dict = field(default_factory=lambda: {"name": "sentiment"})
-    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
-    ppo: PPOSection = field(default_factory=PPOSection)
-    compress: CompressSection = field(default_factory=CompressSection)
-    export: ExportSection = field(default_factory=ExportSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+class RunConfig(Settings):
+    output_dir: str = setting("runs/quickstart", "where every stage writes (rerunning resumes)")
+    seed: int = setting(0, "seed of the run (initialisation, evaluation)")
+    model: ModelSection = setting(help="the frozen model", default_factory=ModelSection)
+    prefix: PrefixSection = setting(help="the prefix trained", default_factory=PrefixSection)
+    reward: dict = setting(help="{name: ..., options}: a built-in, composite, or package.module:function",
+                           check=Check(lambda v: "name" in v, "a mapping with a name", "needs a 'name' (a built-in "
+                                       "such as sentiment, or 'package.module:function')"),
+                           default_factory=lambda: {"name": "sentiment"})
+    warm_start: WarmStartSection = setting(help="stage 1: supervised warm start",
+                                           default_factory=WarmStartSection)
+    ppo: PPOSection = setting(help="stage 2: RL", default_factory=PPOSection)
+    compress: CompressSection = setting(help="stage 3: low-rank compression", default_factory=CompressSection)
+    export: ExportSection = setting(help="what is written at the end", default_factory=ExportSection)
+    logging: LoggingSection = setting(help="metrics and progress", default_factory=LoggingSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# ---- range checks: key -> (predicate, what is allowed) ---------------------------------------------------
-_POS, _NONNEG, _UNIT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 < v <= 1, "in (0, 1]")
-RANGES: dict[str, tuple] = {
-    "prefix.length": (lambda v: v >= 1, ">= 1"), "prefix.mlp_hidden": _POS,
-    "warm_start.steps": _NONNEG, "warm_start.batch_size": _POS, "warm_start.grad_accum": _POS, "warm_start.lr": _POS,
-    "warm_start.max_length": (lambda v: v >= 8, ">= 8"), "warm_start.eval_every": _POS,
-    "warm_start.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "warm_start.max_grad_norm": _POS,
-    "warm_start.warmup_steps": _NONNEG, "warm_start.checkpoint_every": _POS,
-    "ppo.steps": _NONNEG, "ppo.batch_size": _POS, "ppo.minibatch_size": _POS, "ppo.epochs": _POS, "ppo.lr": _POS,
-    "ppo.value_lr": _POS, "ppo.max_new_tokens": _POS, "ppo.temperature": _POS, "ppo.top_p": _UNIT,
-    "ppo.gamma": _UNIT, "ppo.lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ppo.clip_range": _POS,
-    "ppo.clip_range_value": _POS, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG, "ppo.kl_coef": _NONNEG,
-    "ppo.kl_target": _POS, "ppo.kl_horizon": _POS, "ppo.max_grad_norm": _POS, "ppo.target_kl_stop": _POS,
-    "ppo.eval_samples_per_prompt": _POS, "ppo.checkpoint_every": _POS, "ppo.top_k": _NONNEG, "ppo.group_size": _POS,
-    "compress.rank": (lambda v: v >= 1, ">= 1"), "compress.energy": _UNIT, "compress.max_kl": _POS,
-}
-_CHOICES = {"warm_start.precision": ("fp32", "bf16"), "warm_start.decay": ("cosine", "linear", "constant"),
-            "ppo.reference": ("base", "initial"),
-            "ppo.advantage": ("rloo", "grpo", "gae"), "ppo.kl_penalty": ("loss", "reward"), "ppo.on_reward_error": ("raise", "penalty")}
-_EXPORTS = ("rlprefix", "peft")
-
-
-def _type_ok(value: Any, tp) -> tuple[bool, Any]:
-    """Check (and gently coerce: int -> float) a value against a type annotation."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)), list(value) if isinstance(value, (list, tuple)) else value
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if tp is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)), (
-            float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+def reference() -> str:
+    """Every section and key with its default, help and allowed values (`rlprefix run --help`)."""
+    return "\n".join(describe(RunConfig))
 
 
 def _build(cls, data: Any, path: str):
+    """A section from its YAML mapping: unknown keys are errors with a suggestion; the dataclass checks values."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} ({data!r})")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -172,44 +129,18 @@ def _build(cls, data: Any, path: str):
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint} (allowed here: {', '.join(sorted(fields))})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            raise ConfigError(f"{full}: {value!r} is not {_type_name(tp)}")
-        if isinstance(coerced, float) and not math.isfinite(coerced):
-            raise ConfigError(f"{full}: {coerced!r} is not a finite number")
-        if full in RANGES and coerced is not None:
-            pred, allowed = RANGES[full]
-            if not pred(coerced):
-                raise ConfigError(f"{full}: {coerced!r} is out of range (must be {allowed})")
-        if full in _CHOICES and coerced not in _CHOICES[full]:
-            raise ConfigError(f"{full}: {coerced!r} is not one of {', '.join(_CHOICES[full])}")
-        kwargs[key] = coerced
+        tp = type_hints(cls)[key]
+        kwargs[key] = _build(tp, value, full) if dataclasses.is_dataclass(tp) else value
     return cls(**kwargs)
 
 
 def _cross_checks(cfg: RunConfig) -> None:
-    if cfg.ppo.enabled:
-        try:
-            cfg.ppo.validate()  # the stage's own checks, reported as config errors
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    """What a run needs beyond each section's own checks."""
     if cfg.warm_start.enabled and not cfg.warm_start.data:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")
     if cfg.ppo.enabled and not cfg.ppo.prompts:
         raise ConfigError("ppo.prompts: required when ppo.enabled is true (a file with a 'prompt' column)")
-    if not isinstance(cfg.reward, dict) or "name" not in cfg.reward:
-        raise ConfigError(f"reward: needs a 'name' (a built-in such as sentiment, or 'package.module:function'); "
-                          f"got {cfg.reward!r}")
-    bad = [f for f in cfg.export.formats if f not in _EXPORTS]
-    if bad:
-        raise ConfigError(f"export.formats: {bad} not allowed (choose from {', '.join(_EXPORTS)})")
-    if cfg.compress.rank is not None and cfg.compress.energy is not None:
-        raise ConfigError("compress: set rank or energy, not both")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -160,7 +160,7 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
     reward = Scorer(raw_reward, on_error=cfg.ppo.on_reward_error, penalty=cfg.ppo.reward_penalty)
     reward_names = [c.get("name") for c in cfg.reward.get("components", [])] or [cfg.reward["name"]]
     ppo_cfg: PPOConfig = stage_config(cfg.ppo, PPOConfig)
-    ppo_cfg.progress = cfg.logging.progress
+    ppo_cfg.progress = cfg.logging.progress and cfg.ppo.progress
     eval_kw = dict(chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed + 12345,
                    max_new_tokens=ppo_cfg.eval_max_new_tokens or ppo_cfg.max_new_tokens,
                    temperature=ppo_cfg.temperature, samples_per_prompt=cfg.ppo.eval_samples_per_prompt)
@@ -201,9 +201,9 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
         if marker is None:
             t = time.perf_counter()
             ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
-            ws_cfg.progress = cfg.logging.progress
+            ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
             res = warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg, eval_dataset=cfg.warm_start.eval_data,
-                             output_dir=out / "warm_start", dist=dist)
+                             output_dir=out / "warm_start", dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix
             assert_finite("warm-start prefix", res.steps_done, prefix.key_values(model))
             if dist.is_main:
@@ -230,7 +230,8 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
         marker = stages.done("ppo", ppo_key)
         if marker is None:
             t = time.perf_counter()
-            res = ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, output_dir=out / "ppo", dist=dist)
+            res = ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, eval_prompts=eval_prompts,
+                      output_dir=out / "ppo", dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
             assert_finite("PPO prefix", res.steps_done, prefix.key_values(model))
             if dist.is_main:

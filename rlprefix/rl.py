@@ -45,73 +45,73 @@ from .guards import assert_finite
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import entropy_of, score_completions
+from .settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
+                       setting)
 
 ADVANTAGES = ("rloo", "grpo", "gae")
 
 
 @dataclass
-class PPOConfig:
-    steps: int = 16                     # RL iterations (one rollout batch + its update each)
-    batch_size: int = 32                # completions per rollout (= prompts per step x group_size)
-    group_size: int = 4                 # completions sampled per prompt (rloo/grpo need >= 2)
-    minibatch_size: int = 8             # completions per gradient step
-    epochs: int = 2                     # passes over each rollout batch
-    lr: float = 3e-3                    # prefix learning rate (Adam)
-    advantage: str = "rloo"             # rloo | grpo | gae (see the module docstring)
-    value_lr: float = 1e-3              # value-head learning rate (gae only)
-    max_new_tokens: int = 40
-    min_new_tokens: int = 0
-    temperature: float = 1.0            # the policy is softmax(logits / temperature)
-    top_k: int = 0                      # sampling filters (logprobs stay those of the policy)
-    top_p: float = 1.0
-    gamma: float = 1.0                  # gae: discount
-    lam: float = 0.95                   # gae: lambda
-    clip_range: float = 0.2             # policy ratio clip
-    clip_range_value: float | None = 0.2  # gae: value clip around the rollout values (None: no value clipping)
-    vf_coef: float = 0.5                # gae: value-loss weight
-    ent_coef: float = 0.0
-    whiten_advantages: bool = True      # scale-free updates: advantages to mean 0, std 1 over the batch
-    max_grad_norm: float = 1.0
-    target_kl_stop: float | None = 0.1  # stop this step's update once minibatch approx-KL exceeds it
-    kl_coef: float = 0.05               # beta: weight of the KL to the reference (in units of whitened advantage)
-    kl_penalty: str = "loss"            # loss: beta * k3 KL per token in the loss | reward: -beta * k1 KL per-token reward
-    kl_target: float | None = None      # adaptive beta (per-sequence KL target, Ziegler et al. 2019); None = fixed
-    kl_horizon: int = 10000
-    reference: str = "base"             # base (no prefix) | initial (the prefix as it was when RL started)
-    reward_clip: float | None = None
-    reward_normalize: bool = True       # running mean/std normalisation of scores (what GAE's values learn)
-    on_reward_error: str = "raise"      # raise | penalty
-    reward_penalty: float = -1.0
-    value_hidden: int = 256             # gae: 0 = a linear value head
-    seed: int = 0
-    chat: bool | None = None
-    system: str | None = None
-    checkpoint_every: int = 10
-    eval_every: int = 0                 # steps between held-out evaluations (0: only at the end)
-    eval_max_new_tokens: int | None = None
-    progress: bool = True
+class PPOConfig(Settings):
+    section = "ppo"
+    steps: int = setting(16, "RL iterations (one rollout batch + its update each)", NONNEG)
+    batch_size: int = setting(32, "completions per rollout (= prompts per step x group_size)", POSITIVE)
+    group_size: int = setting(4, "completions sampled per prompt (rloo/grpo need >= 2)", POSITIVE)
+    minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
+    epochs: int = setting(2, "passes over each rollout batch", POSITIVE)
+    lr: float = setting(3e-3, "prefix learning rate (Adam)", POSITIVE)
+    advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.rl)")  # checked with group_size below
+    value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
+    max_new_tokens: int = setting(40, "tokens sampled per completion", POSITIVE)
+    min_new_tokens: int = setting(0, "no end-of-sequence before this many tokens", NONNEG)
+    temperature: float = setting(1.0, "the policy is softmax(logits / temperature)", POSITIVE)
+    top_k: int = setting(0, "sampling filter, 0: off (logprobs stay those of the policy)", NONNEG)
+    top_p: float = setting(1.0, "nucleus sampling filter", UNIT)
+    gamma: float = setting(1.0, "gae: discount", UNIT)
+    lam: float = setting(0.95, "gae: lambda", CLOSED_UNIT)
+    clip_range: float = setting(0.2, "policy ratio clip", POSITIVE)
+    clip_range_value: float | None = setting(0.2, "gae: value clip around the rollout values (null: none)", POSITIVE)
+    vf_coef: float = setting(0.5, "gae: value-loss weight", NONNEG)
+    ent_coef: float = setting(0.0, "entropy bonus weight", NONNEG)
+    whiten_advantages: bool = setting(True, "scale-free updates: advantages to mean 0, std 1 over the batch")
+    max_grad_norm: float = setting(1.0, "gradient clipping", POSITIVE)
+    target_kl_stop: float | None = setting(0.1, "stop a step's update once minibatch approx-KL exceeds it", POSITIVE)
+    kl_coef: float = setting(0.05, "beta: weight of the KL to the reference (in units of whitened advantage)",
+                             NONNEG)
+    kl_penalty: str = setting("loss", "loss: beta * k3 KL per token in the loss | reward: -beta * k1 KL "
+                              "per-token reward", one_of("loss", "reward"))
+    kl_target: float | None = setting(None, "adaptive beta (per-sequence KL target, Ziegler et al. 2019); "
+                                      "null: fixed", POSITIVE)
+    kl_horizon: int = setting(10000, "adaptive beta: horizon", POSITIVE)
+    reference: str = setting("base", "base (no prefix) | initial (the prefix as it was when RL started)",
+                             one_of("base", "initial"))
+    reward_clip: float | None = setting(None, "clip scores to +-this (null: no clipping)", POSITIVE)
+    reward_normalize: bool = setting(True, "running mean/std normalisation of scores (what GAE's values learn)")
+    on_reward_error: str = setting("raise", "a reward that raises or returns NaN: stop, or score reward_penalty",
+                                   one_of("raise", "penalty"))
+    reward_penalty: float = setting(-1.0, "score of a sample whose reward failed (on_reward_error: penalty)")
+    value_hidden: int = setting(256, "gae: value-head hidden width (0: linear)", NONNEG)
+    seed: int = setting(0, "sampling and shuffling seed")
+    chat: bool | None = setting(None, "apply the chat template to prompts (null: when the tokenizer has one)")
+    system: str | None = setting(None, "system message for chat prompts")
+    checkpoint_every: int = setting(10, "steps between checkpoints", POSITIVE)
+    eval_every: int = setting(0, "steps between held-out evaluations (0: only at the end)", NONNEG)
+    eval_max_new_tokens: int | None = setting(None, "tokens per evaluation completion (null: max_new_tokens)",
+                                              POSITIVE)
+    progress: bool = setting(True, "this stage's progress bar (logging.progress: false turns every bar off)")
 
-    def validate(self) -> None:
+    def check_fields_together(self) -> None:
         if self.advantage not in ADVANTAGES:
-            raise ValueError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
-        if self.kl_penalty not in ("loss", "reward"):
-            raise ValueError(f"ppo.kl_penalty must be 'loss' or 'reward', got {self.kl_penalty!r}")
-        if self.reference not in ("base", "initial"):
-            raise ValueError(f"ppo.reference must be 'base' or 'initial', got {self.reference!r}")
+            raise ConfigError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
         if self.batch_size % self.minibatch_size:
-            raise ValueError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.minibatch_size "
-                             f"({self.minibatch_size})")
-        if self.group_size < 1 or self.batch_size % self.group_size:
-            raise ValueError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.group_size "
-                             f"({self.group_size})")
+            raise ConfigError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.minibatch_size "
+                              f"({self.minibatch_size})")
+        if self.batch_size % self.group_size:
+            raise ConfigError(f"ppo.batch_size: {self.batch_size} must be a multiple of ppo.group_size "
+                              f"({self.group_size})")
         if self.advantage in ("rloo", "grpo") and self.group_size < 2:
-            raise ValueError(f"ppo.group_size: advantage {self.advantage!r} compares completions of one prompt, "
-                             f"so it needs group_size >= 2 (got {self.group_size})")
-        for name in ("lr", "kl_coef", "clip_range", "max_grad_norm", "value_lr", "temperature"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name not in ("kl_coef",)):
-                raise ValueError(f"ppo.{name}: {value!r} must be a finite number > 0"
-                                 + (" (>= 0 for kl_coef)" if name == "kl_coef" else ""))
+            raise ConfigError(f"ppo.group_size: advantage {self.advantage!r} compares completions of one prompt, "
+                              f"so it needs group_size >= 2 (got {self.group_size})")
 
     @property
     def uses_critic(self) -> bool:
@@ -445,16 +445,18 @@ class _State:
 
 def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPOConfig | None = None, *,
         eval_prompts=None, output_dir: str | Path | None = None, resume: bool = True,
-        on_step: Callable[[int, dict], None] | None = None, dist: Dist | None = None) -> PPOResult:
+        on_step: Callable[[int, dict], None] | None = None, dist: Dist | None = None,
+        tensorboard: bool = True) -> PPOResult:
     """Optimise `prefix` (in place) against `reward(prompts, completions, **columns)`.
 
     `prompts`: a list of strings, a list of dicts / datasets.Dataset / file with a `prompt` column; any
-    other column is passed to the reward as a keyword list. `dist` (rlprefix.distributed.Dist) spreads
+    other column is passed to the reward as a keyword list. `eval_prompts`: scored every `eval_every` steps.
+    `tensorboard`: TensorBoard events next to the JSONL metrics. `dist` (rlprefix.distributed.Dist) spreads
     rollouts over processes; gradients and statistics are then all-reduced.
     """
     # --- setup: data, reward hygiene, reference, value head (gae), optimiser, checkpoint state ---
     cfg = config or PPOConfig()
-    cfg.validate()
+    cfg.validate()  # again: fields may have been changed since construction
     dist = dist or Dist()
     device = model.device
     ds = load_records(prompts)
@@ -480,7 +482,8 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     out = Path(output_dir) if output_dir else None
     if out is not None and resume:
         state.resume(out / "ppo_checkpoint")
-    logger = MetricLogger(out / "ppo_metrics.jsonl", resume_step=state.step, enabled=dist.is_main) if out else None
+    logger = (MetricLogger(out / "ppo_metrics.jsonl", resume_step=state.step, tensorboard=tensorboard,
+                           enabled=dist.is_main) if out else None)
     shard = BatchShard(cfg, len(ds), dist)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", disable=not (cfg.progress and dist.is_main))
 

@@ -26,31 +26,36 @@ from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import forward
 from .schedule import lr_at
+from .settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
 
 
 @dataclass
-class WarmStartConfig:
-    steps: int = 200                   # optimiser steps
-    batch_size: int = 8                # examples per micro-batch
-    grad_accum: int = 1                # micro-batches per optimiser step
-    lr: float = 1e-3                   # measured on SmolLM2-135M + MLP: 5e-3 diverged, 3e-3 worse than 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    decay: str = "cosine"              # cosine | linear | constant
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 256
-    precision: str = "fp32"            # fp32 | bf16 (autocast; prefix weights stay fp32)
-    seed: int = 0
-    eval_fraction: float = 0.1         # held out when no eval set is given
-    eval_every: int = 25
-    early_stop_patience: int | None = None  # evals without improvement before stopping
-    checkpoint_every: int = 50
-    log_every: int = 1
-    chat: bool | None = None           # apply the chat template to prompts (None: when the tokenizer has one)
-    system: str | None = None
-    merge: bool = True                 # return the merged ("kv") prefix
-    progress: bool = True
+class WarmStartConfig(Settings):
+    section = "warm_start"
+    steps: int = setting(200, "optimiser steps", NONNEG)
+    batch_size: int = setting(8, "examples per micro-batch", POSITIVE)
+    grad_accum: int = setting(1, "micro-batches per optimiser step", POSITIVE)
+    # measured on SmolLM2-135M + MLP: 5e-3 diverged, 3e-3 worse than 1e-3
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG)
+    warmup_steps: int = setting(20, "linear warm-up steps", NONNEG)
+    decay: str = setting("cosine", "learning-rate decay after warm-up", one_of("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.1, "final learning rate / lr", CLOSED_UNIT)
+    max_grad_norm: float = setting(1.0, "gradient clipping", POSITIVE)
+    max_length: int = setting(256, "tokens per example (prompt + completion)", at_least(8))
+    precision: str = setting("fp32", "bf16: autocast (prefix weights stay fp32)", one_of("fp32", "bf16"))
+    seed: int = setting(0, "shuffling and initialisation seed")
+    eval_fraction: float = setting(0.1, "held out when no eval set is given",
+                                   Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    eval_every: int = setting(25, "steps between evaluations", POSITIVE)
+    early_stop_patience: int | None = setting(None, "evals without improvement before stopping (null: never)",
+                                              POSITIVE)
+    checkpoint_every: int = setting(50, "steps between checkpoints", POSITIVE)
+    log_every: int = setting(1, "steps between metric records", POSITIVE)
+    chat: bool | None = setting(None, "apply the chat template to prompts (null: when the tokenizer has one)")
+    system: str | None = setting(None, "system message for chat prompts")
+    merge: bool = setting(True, "return the merged (plain K/V) prefix")
+    progress: bool = setting(True, "this stage's progress bar (logging.progress: false turns every bar off)")
 
 
 @dataclass
@@ -126,7 +131,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfig | None = None, *,
                eval_dataset=None, output_dir: str | Path | None = None, resume: bool = True,
-               dist=None) -> WarmStartResult:
+               dist=None, tensorboard: bool = True) -> WarmStartResult:
     """Train `prefix` (in place) on `dataset` rows of prompt/completion (or chat messages); see WarmStartConfig.
 
     With `dist` (several processes), each micro-batch is split across processes, the loss is normalised by the
@@ -135,6 +140,7 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     from .distributed import Dist
 
     cfg = config or WarmStartConfig()
+    cfg.validate()  # again: fields may have been changed since construction
     dist = dist or Dist()
     is_main = dist.is_main
     torch.manual_seed(cfg.seed)
@@ -166,7 +172,8 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
             best_state = {k[len("best."):]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
             step, best_loss, best_step = meta["step"], meta["best_loss"], meta["best_step"]
             history, evals_since_best = meta["history"], meta["evals_since_best"]
-    logger = MetricLogger(out / "warmstart_metrics.jsonl", resume_step=step, enabled=is_main) if out else None
+    logger = (MetricLogger(out / "warmstart_metrics.jsonl", resume_step=step, tensorboard=tensorboard,
+                           enabled=is_main) if out else None)
 
     def checkpoint():
         if out is None or not is_main:

@@ -168,3 +168,95 @@ def test_cli_info_generate_export_compress(tmp_path, capsys):
                  "--model", model_dir]) == 0
     assert (tmp_path / "p" / "adapter_model.safetensors").exists()
     assert main(["info", str(tmp_path / "nothing")]) == 2
+
+
+# ---- every setting is defined once (help + check on the field) and checked the same from Python and YAML ------
+@pytest.mark.parametrize("cls,section,kwargs,message", [
+    ("PPOConfig", "ppo", {"lr": -1}, r"ppo.lr: -1.0 is out of range \(must be > 0\)"),
+    ("PPOConfig", "ppo", {"lr": float("nan")}, r"ppo.lr: nan is not a finite number"),
+    ("PPOConfig", "ppo", {"kl_coef": float("inf")}, r"ppo.kl_coef: inf is not a finite number"),
+    ("WarmStartConfig", "warm_start", {"batch_size": 0}, r"warm_start.batch_size: 0 is out of range \(must be > 0\)"),
+    ("WarmStartConfig", "warm_start", {"decay": "step"}, r"warm_start.decay: 'step' is not one of cosine"),
+])
+def test_settings_are_checked_the_same_from_python_and_yaml(cls, section, kwargs, message):
+    import rlprefix
+
+    with pytest.raises(ConfigError, match=message):
+        getattr(rlprefix, cls)(**kwargs)
+    raw = {"warm_start": {"data": "x"}, "ppo": {"prompts": "y"}}
+    raw[section].update(kwargs)
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw)
+    key, value = next(iter(kwargs.items()))
+    with pytest.raises(ConfigError, match=message):  # the same as a CLI override (YAML text)
+        load_config({"warm_start": {"data": "x"}, "ppo": {"prompts": "y"}}, [f"{section}.{key}={value}"])
+
+
+def test_a_changed_setting_is_checked_again_by_the_stage():
+    from rlprefix import PPOConfig, ppo
+
+    cfg = PPOConfig()
+    cfg.lr = -1.0
+    with pytest.raises(ConfigError, match="ppo.lr"):
+        ppo(None, None, None, ["x"], lambda *a, **k: [0.0], cfg)
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("warm_start: {data: x, lr: 1e-3}\nppo: {prompts: y, lr: 3e-2, kl_target: 6}\n")
+    cfg = load_config(path)
+    assert cfg.warm_start.lr == 1e-3 and cfg.ppo.lr == 3e-2 and isinstance(cfg.ppo.kl_target, float)
+    with pytest.raises(ConfigError, match=r"ppo.lr: 'nan' is not a finite number|ppo.lr: nan is not a finite"):
+        load_config({"warm_start": {"data": "x"}, "ppo": {"prompts": "y", "lr": "nan"}})
+
+
+def test_run_help_lists_every_key_with_default_and_help(capsys):
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for section in ("model", "prefix", "reward", "warm_start", "ppo", "compress", "export", "logging"):
+        assert f"\n{section}:" in out
+    assert "  lr: 0.003  # prefix learning rate (Adam) [> 0]" in out
+    assert "  batch_size: 8  # examples per micro-batch [> 0]" in out
+    assert '  kind: "mlp"  # the parameterisation trained in the warm start' in out
+
+
+def test_readme_config_mentions_only_real_keys():
+    """The README's config example is loaded like a config: an unknown key there fails this test."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Configs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert blocks
+    for block in blocks:
+        load_config(yaml.safe_load(block))
+
+
+def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
+    """ppo.progress / warm_start.progress: false turn that stage's bar off even with logging.progress: true;
+    logging.tensorboard reaches the metric loggers; ppo.eval_prompts reach ppo() (for ppo.eval_every)."""
+    from rlprefix.pipeline import run
+
+    seen = {}
+
+    def fake_ws(*a, tensorboard, **k):
+        seen["ws"] = (a[4].progress, tensorboard)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlprefix.warmstart.warm_start", fake_ws)
+    path = tiny_run_config(tmp_path, warm_start={"progress": False}, logging={"progress": True, "tensorboard": False})
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(path), log=lambda *_: None)
+    assert seen["ws"] == (False, False)
+
+    def fake_ppo(*a, eval_prompts, tensorboard, **k):
+        seen["ppo"] = (a[5].progress, eval_prompts, tensorboard)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlprefix.rl.ppo", fake_ppo)
+    path = tiny_run_config(tmp_path, warm_start={"enabled": False}, ppo={"progress": False, "eval_every": 1},
+                           logging={"progress": True, "tensorboard": True})
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(path), log=lambda *_: None)
+    assert seen["ppo"][0] is False and seen["ppo"][1].endswith("prompts.jsonl") and seen["ppo"][2] is True

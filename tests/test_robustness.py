@@ -111,12 +111,13 @@ def test_second_holder_of_an_output_dir_is_refused_naming_the_pid(tmp_path):
 
 
 # ---- 3. non-finite training stops, naming the step ---------------------------------------------------------
-def test_non_finite_warm_start_stops_at_the_first_bad_step(tmp_path):
+def test_non_finite_warm_start_stops_at_the_first_bad_step(tmp_path, monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     rows = [{"prompt": "hello", "completion": "good great"}] * 4
     prefix = Prefix.for_model(model, 3, "mlp", mlp_hidden=16)
-    cfg = WarmStartConfig(steps=4, batch_size=2, lr=math.inf, warmup_steps=0, eval_every=2, progress=False,
-                          checkpoint_every=1)
+    cfg = WarmStartConfig(steps=4, batch_size=2, warmup_steps=0, eval_every=2, progress=False, checkpoint_every=1)
+    # lr=inf is refused by the config now, so the schedule is made to return it (training blows up at step 1)
+    monkeypatch.setattr("rlprefix.warmstart.lr_at", lambda *a, **k: math.inf)
     with pytest.raises(NonFiniteError, match="at step 1"):
         warm_start(model, tok, prefix, rows, cfg, output_dir=tmp_path)
     assert not (tmp_path / "checkpoint").exists()  # nothing non-finite was saved
