@@ -1,8 +1,8 @@
 """`rlprefix serve` end to end: a real server process on 127.0.0.1, called with the `openai` client and raw HTTP.
 
 One server for the module (a tiny random llama + tiny prefixes of every artifact kind); its replies must equal
-the prompt sampled alone in-process (`encode_prompts` + `sample` with the original prefix and the row's seed,
-what `rlprefix.generate` does), whatever else shares the batch.
+the prompt sampled alone in-process (`encode_prompts` + `rlprefix.engine.sample` with the original prefix and the
+row's seed, the engine `rlprefix.generate` runs), whatever else shares the batch.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ import pytest
 import torch
 
 from rlprefix import Prefix, compress, export_peft, kv_spec, load_model
-from rlprefix.generation import encode_prompts, sample
+from rlprefix.engine import sample
+from rlprefix.generation import encode_prompts
 from rlprefix.runtime import prefix_kv
 from tiny import save_tiny, tiny_model
 
-# The sampler `serve._decode_batch` calls. TODO(engine): rlprefix.engine.sample once _decode_batch uses the engine.
+# The sampler `serve._decode_batch` calls: the engine (per-row prefixes, counter-based per-row seeds).
 SAMPLE = sample
 
 REPO = Path(__file__).resolve().parents[1]
