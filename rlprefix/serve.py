@@ -351,7 +351,8 @@ def _record(server: Server, endpoint: str, model: str, tokens: int, start: float
 async def _stream(server: Server, request: Request, req, entry: ServedPrefix, futures, stops, chat, start):
     """SSE: each choice's text in token-aligned chunks once its decode batch is done, then [DONE].
 
-    (Chunks arrive per decode batch, not per decode step: token-level streaming needs the step-wise engine.)
+    (Chunks arrive per decode batch, not per decode step: token-level streaming needs a per-step hook in
+    `engine.sample`, which has none yet.)
     """
     rid = new_id("chatcmpl" if chat else "cmpl")
     try:
