@@ -134,8 +134,9 @@ def main() -> None:
                                    "prefixes": len(names), "prefix_length": args.prefix_length, "rows": rows,
                                    "server_batch_metrics": batch_lines,
                                    "load_average_after": os.getloadavg(),
-                                   "decode": "rlprefix.serve._decode_batch: rows grouped by prefix, one "
-                                             "generation.sample call per group (pre-engine)"})
+                                   "decode": "rlprefix.serve._decode_batch: one rlprefix.engine.sample call per "
+                                             "sampling setting, all prefixes in one PrefixBank, shared decode "
+                                             "steps"})
     print(f"wrote {path}")
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 
 import torch
@@ -20,7 +21,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Row, RowResult
-from .generation import eos_ids, sample
+from .engine import PrefixBank
+from .engine import sample as engine_sample  # the server's one sampler (generation.sample stays the reference)
+from .generation import eos_ids
 from .modeling import load_model
 from .openai_protocol import (APIError, ChatRequest, CompletionRequest, chat_chunk, chat_response,
                               completion_chunk, completion_response, new_id, parse_body, sse, usage, validate)
@@ -47,15 +50,55 @@ def _pad_left(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _decode_group(model, tok, rows: list[Row]) -> list[RowResult]:
-    """Rows sharing prefix, temperature and top_p in one `generation.sample` call, one seed per row."""
+class BankCache:
+    """`PrefixBank`s for decode batches, one per set of prefixes, kept least-recently-used.
+
+    A batch's bank holds only the prefixes its rows use (so its padded length is theirs, not the longest loaded
+    prefix), and the same set of prefixes is not stacked again for the next batch. A prefix is identified by
+    name and by its K/V tensor (rows capture it at submit time, so a reload mid-flight gives a new key); each
+    entry keeps those tensors alive, so their ids cannot be reused while the entry exists.
+    """
+
+    def __init__(self, model, size: int = 16, metrics: Metrics | None = None):
+        self.model, self.size, self.metrics = model, size, metrics
+        self._banks: OrderedDict[tuple, tuple[PrefixBank, list[torch.Tensor]]] = OrderedDict()
+
+    def lookup(self, rows: list[Row]) -> tuple[PrefixBank | None, torch.Tensor]:
+        """(bank or None when every row is `base`, prefix_index LongTensor [rows] with -1 for `base`)."""
+        unique = {(r.prefix, id(r.kv)): r.kv for r in rows if r.kv is not None}
+        if not unique:
+            return None, torch.full((len(rows),), -1, dtype=torch.long)
+        key = tuple(sorted(unique))
+        if key in self._banks:
+            self._banks.move_to_end(key)
+        else:
+            self._banks[key] = (self._build(key, unique), list(unique.values()))
+            if len(self._banks) > self.size:
+                self._banks.popitem(last=False)
+        slot = {k: i for i, k in enumerate(key)}
+        index = [slot[(r.prefix, id(r.kv))] if r.kv is not None else -1 for r in rows]
+        return self._banks[key][0], torch.tensor(index, dtype=torch.long)
+
+    def _build(self, key: tuple, unique: dict) -> PrefixBank:
+        if self.metrics is not None:
+            self.metrics.inc("rlprefix_prefix_banks_built_total")
+        return PrefixBank(self.model, [unique[k] for k in key])
+
+
+def _sampling_key(r: Row) -> tuple:
+    """Rows that can share one engine call: greedy rows all together, sampled rows by (temperature, top_p)."""
+    return ("greedy",) if r.temperature == 0 else ("sample", r.temperature, r.top_p)
+
+
+def _decode_group(model, tok, rows: list[Row], bank: PrefixBank | None, index: torch.Tensor) -> list[RowResult]:
+    """Rows sharing temperature and top_p (any prefixes) in one `engine.sample` call, one seed per row."""
     first = rows[0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = _pad_left([r.prompt_ids for r in rows], pad)
     greedy = first.temperature == 0
-    out = sample(model, tok, ids, mask, kv=first.kv, max_new_tokens=max(r.max_tokens for r in rows),
-                 temperature=1.0 if greedy else first.temperature, do_sample=not greedy, top_p=first.top_p,
-                 row_seeds=[r.seed for r in rows], decode=False)
+    out = engine_sample(model, tok, ids, mask, bank=bank, prefix_index=index if bank is not None else None,
+                        max_new_tokens=max(r.max_tokens for r in rows), temperature=1.0 if greedy else first.temperature,
+                        do_sample=not greedy, top_p=first.top_p, row_seeds=[r.seed for r in rows], decode=False)
     stop = set(eos_ids(model, tok))
     results = []
     for j, r in enumerate(rows):  # a row's draws are its own, so cutting at its max_tokens equals running to it
@@ -65,21 +108,19 @@ def _decode_group(model, tok, rows: list[Row]) -> list[RowResult]:
     return results
 
 
-def _decode_batch(model, tok, rows: list[Row]) -> list[RowResult]:
-    """Decode a batch of rows with any mix of prefixes.
+def _decode_batch(model, tok, rows: list[Row], banks: BankCache) -> list[RowResult]:
+    """Decode a batch of rows with any mix of prefixes: one engine call per sampling setting.
 
-    TODO(engine): switch to `rlprefix.engine.sample(model, tok, ids, mask, bank=bank,
-    prefix_index=LongTensor[B], row_seeds=..., ...)` once issue #14 lands, so rows with different prefixes
-    (and sampling settings) share every decode step. Today rows are grouped by prefix and sampling settings
-    and each group is one `generation.sample` call with per-row seeds: outputs are already independent of
-    the batch, but different prefixes in one batch run one after another.
+    Rows with different prefixes share every decode step (one `PrefixBank` for the batch, `prefix_index` per
+    row); the engine's counter-based per-row randomness keeps each row's output independent of the batch.
     """
+    bank, index = banks.lookup(rows)
     results: list[RowResult | None] = [None] * len(rows)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault((r.prefix, id(r.kv), r.temperature, r.top_p), []).append(i)
+        groups.setdefault(_sampling_key(r), []).append(i)
     for idx in groups.values():
-        for i, res in zip(idx, _decode_group(model, tok, [rows[i] for i in idx])):
+        for i, res in zip(idx, _decode_group(model, tok, [rows[i] for i in idx], bank, index[idx])):
             results[i] = res
     return results
 
@@ -99,7 +140,9 @@ class Server:
                  wait_s: float = 0.005):
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
         self.metrics = Metrics()
-        self.batcher = Batcher(lambda rows: _decode_batch(model, tok, rows), max_batch, wait_s, self.metrics)
+        self.banks = BankCache(model, metrics=self.metrics)
+        self.batcher = Batcher(lambda rows: _decode_batch(model, tok, rows, self.banks), max_batch, wait_s,
+                               self.metrics)
         self.context = context_length(model, tok)
         self._last_scan = 0.0
 
@@ -308,7 +351,8 @@ def _record(server: Server, endpoint: str, model: str, tokens: int, start: float
 async def _stream(server: Server, request: Request, req, entry: ServedPrefix, futures, stops, chat, start):
     """SSE: each choice's text in token-aligned chunks once its decode batch is done, then [DONE].
 
-    (Chunks arrive per decode batch, not per decode step: token-level streaming needs the step-wise engine.)
+    (Chunks arrive per decode batch, not per decode step: token-level streaming needs a per-step hook in
+    `engine.sample`, which has none yet.)
     """
     rid = new_id("chatcmpl" if chat else "cmpl")
     try:

@@ -20,6 +20,7 @@ class Metrics:
         "rlprefix_prompt_tokens_total": ("counter", "prompt tokens submitted for decoding"),
         "rlprefix_completion_tokens_total": ("counter", "completion tokens returned"),
         "rlprefix_rows_cancelled_total": ("counter", "rows whose client went away before the reply"),
+        "rlprefix_prefix_banks_built_total": ("counter", "prefix banks stacked for decode batches (cache misses)"),
         "rlprefix_queue_rows": ("gauge", "rows waiting for a decode batch"),
         "rlprefix_prefixes": ("gauge", "prefixes served, base included"),
         "rlprefix_batch_rows": ("histogram", "rows per decode batch"),

@@ -1,8 +1,8 @@
 """`rlprefix serve` end to end: a real server process on 127.0.0.1, called with the `openai` client and raw HTTP.
 
 One server for the module (a tiny random llama + tiny prefixes of every artifact kind); its replies must equal
-the prompt sampled alone in-process (`encode_prompts` + `sample` with the original prefix and the row's seed,
-what `rlprefix.generate` does), whatever else shares the batch.
+the prompt sampled alone in-process (`encode_prompts` + `rlprefix.engine.sample` with the original prefix and the
+row's seed, the engine `rlprefix.generate` runs), whatever else shares the batch.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ import pytest
 import torch
 
 from rlprefix import Prefix, compress, export_peft, kv_spec, load_model
-from rlprefix.generation import encode_prompts, sample
+from rlprefix.engine import sample
+from rlprefix.generation import encode_prompts
+from rlprefix.batcher import Row
 from rlprefix.runtime import prefix_kv
+from rlprefix.serve import BankCache
 from tiny import save_tiny, tiny_model
 
-# The sampler `serve._decode_batch` calls. TODO(engine): rlprefix.engine.sample once _decode_batch uses the engine.
+# The sampler `serve._decode_batch` calls: the engine (per-row prefixes, counter-based per-row seeds).
 SAMPLE = sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,6 +260,26 @@ def test_health_and_metrics(served):
                  "rlprefix_request_latency_seconds_count", "rlprefix_prefixes"):
         assert name in text
     assert 'status="404"' in text and 'status="200"' in text
+
+
+def test_bank_cache_reuses_a_bank_per_set_of_prefixes():
+    """One PrefixBank per set of (name, K/V) in a batch: reused for the same set in any order, rebuilt when a
+    reload replaced a prefix's K/V, none for a batch of `base` rows; rows point at their own prefix."""
+    model = tiny_model("llama")
+    spec = kv_spec(model)
+    kvs = {n: prefix_kv(model, _prefix(spec, length, i)) for i, (n, length) in enumerate([("a", 3), ("b", 5)])}
+
+    def row(name: str) -> Row:
+        return Row(name, kvs.get(name), [1, 2], 4, 1.0, 1.0, 0)
+
+    banks = BankCache(model, size=2)
+    bank, index = banks.lookup([row("b"), row("base"), row("a"), row("b")])
+    assert bank.lengths == [3, 5] and index.tolist() == [1, -1, 0, 1]
+    assert torch.equal(bank.kv[1, :, :, :5], kvs["b"])
+    assert banks.lookup([row("a"), row("b")])[0] is bank
+    assert banks.lookup([row("base")])[0] is None
+    kvs["a"] = kvs["a"].clone()  # a reload replaced "a" while rows were queued
+    assert banks.lookup([row("a"), row("b")])[0] is not bank
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
