@@ -327,9 +327,10 @@ def render_summary(s: dict) -> str:
         prev = None
         for name, r in rows:
             se = r.get("reward_se", r["reward_std"] / max(r.get("n", 1), 1) ** 0.5)
-            gain = "" if prev is None else f"{r['reward_mean'] - prev:+.3f}"
+            # the gain's noise: both evaluations' standard errors combined (conservative: they share seeds)
+            gain = "" if prev is None else f"{r['reward_mean'] - prev[0]:+.3f} +- {(se ** 2 + prev[1] ** 2) ** 0.5:.3f}"
             lines.append(f"| {name} | {r['reward_mean']:.3f} | {se:.3f} | {gain} | {r.get('kl_to_base', 0.0):.2f} |")
-            prev = r["reward_mean"]
+            prev = (r["reward_mean"], se)
     if "warm_start" in s:
         lines += ["", f"- warm start: best eval loss {s['warm_start']['best_eval_loss']:.3f} "
                       f"at step {s['warm_start']['best_step']}"]
