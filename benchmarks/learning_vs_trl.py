@@ -14,7 +14,7 @@ Methods, each trained on the same number of sampled completions (--budget) with 
                  initialised from a neutral sentence; reference = the bare model
   trl-prefix     TRL GRPOTrainer + PEFT PrefixTuningConfig(16 tokens), learning rate from --trl-lrs
                  (the best per task is reported), gradient checkpointing off (prefix tuning needs it off)
-  trl-lora       TRL GRPOTrainer + LoRA r16 all-linear, lr 1e-5... from --lora-lr
+  trl-lora       TRL GRPOTrainer + LoRA r16 all-linear, learning rate from --lora-lr
 
 Evaluator (the same for every method): the trained adapter as a PEFT adapter (rlprefix via `export_peft`),
 loaded with `PeftModel.from_pretrained`, sampled with transformers' `generate` at T=1 (top_k=0) with fixed
@@ -274,8 +274,8 @@ def plot(runs: dict) -> None:
                 continue
             per_step = r["completions"] / max(len(r["train_curve"]), 1)
             xs = [per_step * (i + 1) for i in range(len(r["train_curve"]))]
-            ax.plot(xs, r["train_curve"], label=f"{r['method']} lr={r.get('lr', 'default')} s{r['seed']}")
-            ax.scatter([r["completions"]], [r["reward"]], marker="*", s=80)
+            line, = ax.plot(xs, r["train_curve"], label=f"{r['method']} lr={r.get('lr') or 'default'} s{r['seed']}")
+            ax.scatter([r["completions"]], [r["reward"]], marker="*", s=80, color=line.get_color())
         ax.set_title(task)
         ax.set_xlabel("completions sampled")
         ax.set_ylabel("reward (line: train batch, star: held-out)")
