@@ -28,7 +28,7 @@ def main():
 
     before = evaluate_reward(model, tokenizer, None, prompts[:4], season_reward, samples_per_prompt=4)
     result = rlprefix.ppo(model, tokenizer, prefix, prompts, season_reward,
-                          PPOConfig(steps=6, batch_size=16, minibatch_size=8, lr=1e-2, max_new_tokens=40))
+                          PPOConfig(steps=6, batch_size=16, max_new_tokens=40))  # defaults: rloo, 4 per prompt
     after = evaluate_reward(model, tokenizer, result.prefix, prompts[:4], season_reward, samples_per_prompt=4)
     print(f"mean reward: base {before.mean:.3f} -> with prefix {after.mean:.3f} (KL {after.kl:.2f} nats/seq)")
     for p, c in zip(after.prompts[::4], after.completions[::4]):

@@ -50,15 +50,19 @@ def sentence_encoder(name: str, device: str):
 
 @register("similarity")
 class Similarity(Reward):
-    """Cosine similarity between the completion and a reference: a column (`reference_column`) or fixed text."""
+    """Cosine similarity between the completion and a reference: a column (`reference_column`) or fixed text.
+
+    `encoder`: a sentence-transformers model name or path (default: the embedded all-MiniLM-L6-v2). It is not
+    called `model`, which runs inject as the frozen language model.
+    """
 
     name = "similarity"
 
-    def __init__(self, reference: str | None = None, reference_column: str = "reference", model: str | None = None,
+    def __init__(self, reference: str | None = None, reference_column: str = "reference", encoder: str | None = None,
                  device: str = "cpu", batch_size: int = 64):
         super().__init__()
         self.reference, self.reference_column = reference, reference_column
-        self.encoder = sentence_encoder(model or default_sentence_model(), str(device))
+        self.encoder = sentence_encoder(encoder or default_sentence_model(), str(device))
         self.batch_size = batch_size
 
     def score(self, prompts, completions, **columns):

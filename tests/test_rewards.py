@@ -152,3 +152,12 @@ def test_trl_accepts_and_calls_a_builtin(tmp_path):
     assert calls, "TRL never called the reward"
     prompts, completions, kwargs = calls[0]
     assert len(prompts) == len(completions) and "completion_ids" in kwargs and "reference" in kwargs
+
+
+def test_similarity_builds_with_the_run_context():
+    """A run injects the frozen LM as `model`; the similarity reward's encoder must not take it (it did)."""
+    from rewards import build_reward
+
+    reward = build_reward({"name": "similarity", "reference": "a calm day"}, {"model": object(), "device": "cpu"})
+    same, other = reward(prompts=["p", "p"], completions=["a calm day", "loud traffic jam"])
+    assert same > 0.99 and other < same
