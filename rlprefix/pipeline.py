@@ -102,20 +102,21 @@ def _write_config(out: Path, cfg: RunConfig, log) -> None:
     atomic_write_text(path, CONFIG_HEADER + dump_config(cfg))
 
 
-def _check_checkpoints(cfg: RunConfig, out: Path, stages: "Stages", keys: dict) -> None:
-    """An unfinished stage may only resume a checkpoint written with the same settings and data."""
+def _check_checkpoints(cfg: RunConfig, out: Path, stages: "Stages", keys: dict, hashes: dict) -> None:
+    """An unfinished stage may only resume a checkpoint written with the same settings and data
+    (`hashes`: the content hash of each data source, computed once by the caller)."""
     skip = {"progress", "enabled", "steps", "checkpoint_every", "eval_every", "eval_prompts",
             "eval_samples_per_prompt", "eval_max_new_tokens", "log_every", "data", "eval_data", "prompts"}
     if cfg.warm_start.enabled and stages.done("warm_start", keys["ws"]) is None:
         parts = {f"warm_start.{k}": v for k, v in asdict(cfg.warm_start).items() if k not in skip - {"steps"}}
-        parts.update({"warm_start.data (content)": content_hash(cfg.warm_start.data),
-                      "warm_start.eval_data (content)": content_hash(cfg.warm_start.eval_data),
+        parts.update({"warm_start.data (content)": hashes["ws_data"],
+                      "warm_start.eval_data (content)": hashes["ws_eval"],
                       "starting prefix": keys["prefix"]})
         check_resume(out / "warm_start", out / "warm_start" / "checkpoint", parts, cfg.warm_start.steps,
                      "warm_start.steps", "warm start")
     if cfg.ppo.enabled and stages.done("ppo", keys["ppo"]) is None:
         parts = {f"ppo.{k}": v for k, v in asdict(cfg.ppo).items() if k not in skip}
-        parts.update({"reward": cfg.reward, "ppo.prompts (content)": content_hash(cfg.ppo.prompts),
+        parts.update({"reward": cfg.reward, "ppo.prompts (content)": hashes["prompts"],
                       "starting prefix (warm start)": keys["ws"] if cfg.warm_start.enabled else keys["prefix"]})
         check_resume(out / "ppo", out / "ppo" / "ppo_checkpoint", parts, cfg.ppo.steps, "ppo.steps", "PPO")
 
@@ -134,15 +135,15 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
 
     stages = Stages(out, dist)
     eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
-    eval_hash = content_hash(eval_prompts)
+    hashes = {"ws_data": content_hash(cfg.warm_start.data), "ws_eval": content_hash(cfg.warm_start.eval_data),
+              "prompts": content_hash(cfg.ppo.prompts)}
+    eval_hash = hashes["prompts"] if eval_prompts == cfg.ppo.prompts else content_hash(eval_prompts)
     prefix_key = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
-    ws_key = _key(prefix_key, asdict(cfg.warm_start), content_hash(cfg.warm_start.data),
-                  content_hash(cfg.warm_start.eval_data))
-    ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward,
-                   content_hash(cfg.ppo.prompts))
+    ws_key = _key(prefix_key, asdict(cfg.warm_start), hashes["ws_data"], hashes["ws_eval"])
+    ppo_key = _key(ws_key if cfg.warm_start.enabled else prefix_key, asdict(cfg.ppo), cfg.reward, hashes["prompts"])
     if dist.is_main:
         _recover_swaps(out)
-        _check_checkpoints(cfg, out, stages, {"prefix": prefix_key, "ws": ws_key, "ppo": ppo_key})
+        _check_checkpoints(cfg, out, stages, {"prefix": prefix_key, "ws": ws_key, "ppo": ppo_key}, hashes)
         _write_config(out, cfg, log)
     dist.barrier()
     timings: dict[str, float] = {}
