@@ -204,6 +204,35 @@ def write_prefixes(cache, bank: PrefixBank | None, index: torch.Tensor, spec) ->
         cache.update(k.contiguous(), v.contiguous(), layer)
 
 
+def prefill(model, prompt_ids, pos, key_valid, pmax: int, tp: int, cache, bank, index, spec, total: int,
+            hidden: bool):
+    """Run the prompts into `cache` (whose prefix slots are written); returns the last position's logits/hidden.
+
+    Rows with the same prompt and the same prefix (k completions per prompt in group RL) are run once, into a
+    cache of the unique rows whose K/V are then copied out to every row.
+    """
+    dtype = model_dtype(model)
+    key = torch.cat([prompt_ids, key_valid[:, :pmax + tp].long(), index.unsqueeze(1)], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = prompt_ids.shape[0]
+    if unique.shape[0] == rows:
+        return model_step(model, prompt_ids, pos, prefill_mask(key_valid, pmax, tp, dtype), cache, hidden)
+    first = torch.full((unique.shape[0],), rows, dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(rows, device=inverse.device), "amin")
+    small = StaticCache(config=model.config, max_cache_len=total)
+    write_prefixes(small, bank, index[first], spec)
+    logits, h = model_step(model, prompt_ids[first], pos[first], prefill_mask(key_valid[first], pmax, tp, dtype),
+                           small, hidden)
+    for s, b in zip(small.layers, cache.layers):
+        keys, values = s.keys.index_select(0, inverse), s.values.index_select(0, inverse)
+        if not b.is_initialized:
+            b.lazy_initialization(keys, values)
+        b.keys.copy_(keys)
+        b.values.copy_(values)
+        b.cumulative_length.copy_(s.cumulative_length)
+    return logits[inverse], (h[inverse] if h is not None else None)
+
+
 def bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -277,7 +306,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     counter = torch.zeros((), dtype=torch.long, device=device)
     slot = torch.tensor(pmax + tp, device=device)
 
-    logits, h = model_step(model, prompt_ids, pos, prefill_mask(key_valid, pmax, tp, dtype), cache, return_hidden)
+    logits, h = prefill(model, prompt_ids, pos, key_valid, pmax, tp, cache, bank, index, spec, total, return_hidden)
     pos = pos[:, -1:]
     steps = max_new_tokens if force_tokens is None else min(max_new_tokens, force_tokens.shape[1])
     for t in range(steps):

@@ -40,7 +40,8 @@ from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_sta
 from .data import load_records, require_columns
 from .distributed import Dist
 from .evaluate import evaluate_reward
-from .generation import Rollout, encode_prompts, sample
+from . import engine
+from .generation import Rollout, encode_prompts
 from .guards import assert_finite
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
@@ -58,7 +59,7 @@ class PPOConfig(Settings):
     batch_size: int = setting(32, "completions per rollout (= prompts per step x group_size)", POSITIVE)
     group_size: int = setting(4, "completions sampled per prompt (rloo/grpo need >= 2)", POSITIVE)
     minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
-    epochs: int = setting(2, "passes over each rollout batch", POSITIVE)
+    epochs: int = setting(1, "passes over each rollout batch", POSITIVE)
     lr: float = setting(3e-3, "prefix learning rate (Adam)", POSITIVE)
     advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.rl)")  # checked with group_size below
     value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
@@ -222,10 +223,15 @@ class BatchShard:
 
     def minibatches(self, step: int, epoch: int):
         """Local row indices of each minibatch of one permutation of the *global* batch (the same on every
-        process): losses are normalised by global token counts, so summed gradients equal one process's."""
+        process): losses are normalised by global token counts, so summed gradients equal one process's.
+
+        When a minibatch holds whole groups, whole groups are shuffled, so a minibatch's rows share prompts
+        and the training forward runs each prompt once (`score_completions(share_prompts=True)`)."""
         cfg = self.cfg
-        perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(
-            _row_seed(cfg.seed, step, 10_000_019 + epoch)))
+        gen = torch.Generator().manual_seed(_row_seed(cfg.seed, step, 10_000_019 + epoch))
+        k = cfg.group_size if cfg.minibatch_size % cfg.group_size == 0 else 1
+        groups = torch.randperm(cfg.batch_size // k, generator=gen)
+        perm = (groups.unsqueeze(1) * k + torch.arange(k)).flatten()
         for start in range(0, cfg.batch_size, cfg.minibatch_size):
             rows = perm[start:start + cfg.minibatch_size]
             yield rows[(rows >= self.first) & (rows < self.first + self.local)] - self.first
@@ -237,7 +243,7 @@ def rollout(model, tokenizer, prefix: Prefix, prompts: list[str], cfg: PPOConfig
     prefix.eval()
     ids, mask = encode_prompts(tokenizer, prompts, cfg.chat, cfg.system, device=model.device)
     kv = prefix.key_values(model) if prefix.length else None
-    return sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
+    return engine.sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
                   min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                   return_hidden=cfg.uses_critic, row_seeds=row_seeds)
 

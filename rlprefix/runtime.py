@@ -100,15 +100,56 @@ class SequenceScores:
 
 
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *,
-                      kv=None, temperature: float = 1.0, output_hidden: bool = False) -> SequenceScores:
-    """Log-probs of completion tokens given left-padded prompts, in one forward over prompt+completion.
+                      kv=None, temperature: float = 1.0, output_hidden: bool = False,
+                      share_prompts: bool = True) -> SequenceScores:
+    """Log-probs of completion tokens given left-padded prompts.
 
-    Only the logits of the completion positions are materialised (`logits_to_keep`).
+    Only the logits of the completion positions are materialised (`logits_to_keep`). With `share_prompts`,
+    rows that carry the same prompt (k completions per prompt, as in group-based RL) run the prompt once: the
+    unique prompts fill a cache, which is then indexed out to every row for the completion forward. That is
+    the same computation (logits agree to float rounding; gradients reach the prefix through both parts)
+    at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
+    rows = prompt_ids.shape[0]
+    if share_prompts and rows > 1:
+        keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        if unique.shape[0] < rows:
+            first = torch.full((unique.shape[0],), rows, dtype=torch.long, device=inverse.device)
+            first = first.scatter_reduce(0, inverse, torch.arange(rows, device=inverse.device), "amin")
+            return _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv,
+                                 temperature, output_hidden, first, inverse)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     tc = completion_ids.shape[1]
     out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden)
     logits = out.logits[:, :-1]
     hidden = out.hidden[:, :-1] if out.hidden is not None else None
+    return SequenceScores(logprobs_of(logits, completion_ids, temperature), logits, hidden)
+
+
+def _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv, temperature,
+                  output_hidden, first: torch.Tensor, inverse: torch.Tensor) -> SequenceScores:
+    """score_completions with the prompt computed once per unique prompt (rows `first`, row r uses inverse[r])."""
+    if kv is None:
+        kv = prefix_kv(model, prefix)
+    length = 0 if kv is None else kv.shape[2]
+    p_ids, p_mask = prompt_ids[first], prompt_mask[first]
+    cache = build_cache(model, kv, len(first))
+    # 1. the unique prompts, keeping the logit (and hidden state) of their last position: it predicts token 1
+    head = model(input_ids=p_ids, attention_mask=torch.cat([p_mask.new_ones(len(first), length), p_mask], 1),
+                 position_ids=position_ids(p_mask, length), past_key_values=cache, use_cache=True,
+                 logits_to_keep=1, output_hidden_states=output_hidden)
+    cache = head.past_key_values
+    cache.reorder_cache(inverse)  # index_select per layer: every row gets its prompt's K/V (differentiable)
+    # 2. every row's completion against its prompt's cache
+    full = torch.cat([prompt_mask, completion_mask], dim=1)
+    tp = prompt_ids.shape[1]
+    tail = model(input_ids=completion_ids, attention_mask=torch.cat([full.new_ones(len(full), length), full], 1),
+                 position_ids=position_ids(full, length)[:, tp:], past_key_values=cache, use_cache=True,
+                 output_hidden_states=output_hidden)
+    logits = torch.cat([head.logits[inverse], tail.logits[:, :-1]], dim=1)
+    hidden = None
+    if output_hidden:
+        hidden = torch.cat([head.hidden_states[-1][:, -1:][inverse], tail.hidden_states[-1][:, :-1]], dim=1)
     return SequenceScores(logprobs_of(logits, completion_ids, temperature), logits, hidden)

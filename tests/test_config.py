@@ -129,7 +129,7 @@ def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
     assert main(["run", str(path), f"output_dir={tmp_path / 'full'}"]) == 0
     import rlprefix.rl as ppo_mod
 
-    real, calls = ppo_mod.sample, {"n": 0}
+    real, calls = ppo_mod.rollout, {"n": 0}
 
     def dies(*a, **k):
         calls["n"] += 1
@@ -137,10 +137,10 @@ def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ppo_mod, "sample", dies)
+    monkeypatch.setattr(ppo_mod, "rollout", dies)
     with pytest.raises(KeyboardInterrupt):
         main(["run", str(path), f"output_dir={tmp_path / 'cut'}"])
-    monkeypatch.setattr(ppo_mod, "sample", real)
+    monkeypatch.setattr(ppo_mod, "rollout", real)
     assert (tmp_path / "cut" / "stages" / "warm_start.json").exists()
     assert not (tmp_path / "cut" / "stages" / "ppo.json").exists()
     assert main(["run", str(path), f"output_dir={tmp_path / 'cut'}"]) == 0
