@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, md_table, write_result
+from common import RESULTS, ROOT, machine, md_table, write_result
 
 TRAIN_TOPICS = ["a city park", "a train journey", "a bakery", "a rainy weekend", "a museum", "a laptop", "a beach",
                 "a hiking trail", "a concert", "a library", "a coffee machine", "a bicycle", "a hotel room",
@@ -297,6 +297,7 @@ def main():
     ap.add_argument("--set", nargs="*", help="rlprefix ablation: PPOConfig overrides key=json_value")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="run again the runs already stored (default: skip them)")
     # child mode
     ap.add_argument("--method")
     ap.add_argument("--task")
@@ -313,6 +314,8 @@ def main():
                 for seed in ([0] if method == "base" else args.seeds):
                     for lr in lrs:
                         key = f"{task}/{method}/lr={lr}/seed={seed}{args.tag}"
+                        if key in runs and not args.rerun:
+                            continue
                         cmd = [sys.executable, __file__, "--method", method, "--task", task, "--seed", str(seed),
                                "--budget", str(args.budget), "--tokens", str(args.tokens),
                                "--threads", str(args.threads)] + (["--lr", str(lr)] if lr else [])
@@ -324,7 +327,7 @@ def main():
                             print(f"  failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
                             continue
                         runs[key] = {"task": task, "method": method + args.tag, "seed": seed, "lr": lr,
-                                     **json.loads(line[7:])}
+                                     "commit": machine()["commit"], **json.loads(line[7:])}
                         r = runs[key]
                         print(f"  reward {r['reward']:.3f} +- {r['reward_se']:.3f}, KL {r['kl']:.2f}"
                               + (f", {r['train_seconds']:.0f} s" if "train_seconds" in r else ""), flush=True)
