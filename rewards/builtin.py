@@ -164,24 +164,38 @@ class Fluency(Reward):
         super().__init__()
         self.model, self.tokenizer, self.chat, self.system, self.batch_size = model, tokenizer, chat, system, batch_size
 
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        chat = getattr(tok, "chat_template", None) is not None if self.chat is None else self.chat
+        if not chat:
+            return tok(prompt)["input_ids"]
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     @torch.no_grad()
     def score(self, prompts, completions, **columns):
-        from rlprefix.generation import encode_prompts
-        from rlprefix.runtime import score_completions
-
+        # plain transformers (rlprefix depends on rewards, not the reverse): right-padded prompt + completion rows,
+        # so every row has the positions it would have alone
+        tok, device = self.tokenizer, self.model.device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out: list[float] = []
-        tok = self.tokenizer
         for i in range(0, len(completions), self.batch_size):
-            p, c = prompts[i:i + self.batch_size], completions[i:i + self.batch_size]
-            ids, mask = encode_prompts(tok, p, self.chat, self.system, device=self.model.device)
-            side = tok.padding_side
-            tok.padding_side = "right"
-            enc = tok([x if x else (tok.eos_token or " ") for x in c], add_special_tokens=False, padding=True,
-                      return_tensors="pt")
-            tok.padding_side = side
-            cids, cmask = enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
-            lp = score_completions(self.model, ids, mask, cids, cmask).logprobs
-            out += ((lp * cmask).sum(1) / cmask.sum(1).clamp(min=1)).tolist()
+            rows = [(self._prompt_ids(p), tok(c if c else (tok.eos_token or " "), add_special_tokens=False)["input_ids"])
+                    for p, c in zip(prompts[i:i + self.batch_size], completions[i:i + self.batch_size])]
+            width = max(len(p) + len(c) for p, c in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask, target = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+            for r, (p, c) in enumerate(rows):
+                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[r, :len(p) + len(c)] = 1
+                target[r, len(p):len(p) + len(c)] = True
+            ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            t = target[:, 1:].float()
+            out += ((lp * t).sum(1) / t.sum(1).clamp(min=1)).tolist()
         return out
 
 

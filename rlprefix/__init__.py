@@ -1,9 +1,10 @@
 """rlprefix: steer a frozen causal LM with learned KV prefixes; warm start, PPO, compress, export."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .modeling import DEFAULT_MODEL, KVSpec, kv_spec, load_model  # noqa: E402
 from .prefix import Prefix  # noqa: E402
-from .io import ArtifactError, ModelMismatchError, load_prefix, save_prefix  # noqa: E402
+from .io import ArtifactError  # noqa: E402
+from .artifacts import ModelMismatchError, load_prefix, save_prefix  # noqa: E402
 from .generation import encode_prompts, sample  # noqa: E402
 from .engine import PrefixBank, generate  # noqa: E402
 from .warmstart import WarmStartConfig, WarmStartResult, warm_start  # noqa: E402

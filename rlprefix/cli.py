@@ -29,7 +29,7 @@ class _RunHelp(argparse.RawDescriptionHelpFormatter):
 
 
 def _model_for(prefix_dir: str, explicit: str | None) -> str:
-    from .io import read_manifest
+    from .artifacts import read_manifest
     from .modeling import DEFAULT_MODEL
 
     if explicit:
@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from .engine import generate
-    from .io import load_prefix
+    from .artifacts import load_prefix
     from .modeling import load_model
 
     model_name = _model_for(args.prefix, args.model) if args.prefix else (args.model or "smollm2-135m-instruct")
@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
     from rewards import build_reward
 
     from .evaluate import evaluate_reward
-    from .io import load_prefix
+    from .artifacts import load_prefix
     from .modeling import load_model
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
@@ -98,7 +98,8 @@ def cmd_eval(args) -> int:
 
 def cmd_compress(args) -> int:
     from .lowrank import compress, compress_to_budget, fidelity_report
-    from .io import check_artifact_target, load_prefix
+    from .artifacts import load_prefix
+    from .io import check_artifact_target
     from .modeling import load_model
 
     check_artifact_target(args.out, args.force)  # before the work, not after it
@@ -126,7 +127,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .io import check_artifact_target, load_prefix
+    from .artifacts import load_prefix
+    from .io import check_artifact_target
     from .modeling import load_model
     from .peft_export import export_peft
 
@@ -143,7 +145,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .io import read_manifest
+    from .artifacts import read_manifest
 
     manifest = read_manifest(args.dir)
     if args.json:

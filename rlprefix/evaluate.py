@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rewards import Scorer
+
 from .data import load_records, require_columns
 from .engine import PrefixBank, sample
 from .generation import encode_prompts
@@ -50,8 +52,6 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     Scorer with `on_error`/`penalty` (pass a Scorer to choose otherwise); rows where no reward applies
     (None -> NaN) are left out of the mean and std.
     """
-    from rewards import Scorer
-
     if samples_per_prompt < 1:
         raise ValueError(f"samples per prompt must be >= 1, got {samples_per_prompt}")
     named = prefix if isinstance(prefix, dict) else dict(enumerate(prefix)) if isinstance(prefix, list) else {0: prefix}

@@ -13,18 +13,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT_NAME = "rlprefix-prefix"
-FORMAT_VERSION = 1
 TENSORS_FILE = "prefix.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
 class ArtifactError(ValueError):
     """A file rlprefix wrote (or was asked to read) is missing, corrupt, or of an unknown format."""
-
-
-class ModelMismatchError(ValueError):
-    """A prefix was made for a model of another architecture."""
 
 
 ARTIFACT_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE, "state.safetensors", "state.json",
@@ -222,148 +216,3 @@ def write_artifact_dir(out_dir: str | os.PathLike, files: dict[str, dict | dict[
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def check_model_match(manifest: dict, model, where: str) -> None:
-    """Refuse a prefix made for another architecture, naming both shapes."""
-    from .modeling import kv_spec
-
-    spec = kv_spec(model)
-    want = manifest.get("model", {})
-    if want.get("fingerprint") != spec.fingerprint():
-        have_s = spec.describe()
-        want_s = (f"{want.get('model_type')}: {want.get('num_layers')} layers x {want.get('num_kv_heads')} kv heads x "
-                  f"head_dim {want.get('head_dim')} (hidden {want.get('hidden_size')}, vocab {want.get('vocab_size')})")
-        raise ModelMismatchError(f"{where} was made for a different model: prefix is for [{want_s}] "
-                                 f"but the model is [{have_s}]")
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """Read and validate `manifest.json` of an rlprefix artifact directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not an rlprefix prefix directory (expected {MANIFEST_FILE} and "
-                            f"{TENSORS_FILE} inside)")
-    manifest = read_json(path / MANIFEST_FILE)
-    if manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path / MANIFEST_FILE}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ArtifactError(f"{path / MANIFEST_FILE}: format_version {version!r} is not supported by this rlprefix "
-                            f"(reads versions 1..{FORMAT_VERSION}); upgrade rlprefix to read it")
-    _check_manifest_fields(manifest, path / MANIFEST_FILE)
-    return manifest
-
-
-_MODEL_FIELDS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "fingerprint")
-
-
-def _check_manifest_fields(manifest: dict, where: Path) -> None:
-    """The fields readers rely on are present and of the right type, so no reader meets a KeyError."""
-    model, cfg = manifest.get("model"), manifest.get("config")
-    if not isinstance(model, dict):
-        raise ArtifactError(f"{where} has no 'model' section (which model the prefix was made for)")
-    missing = [k for k in _MODEL_FIELDS if k not in model]
-    if missing:
-        raise ArtifactError(f"{where}: the 'model' section lacks {missing}")
-    if not isinstance(cfg, dict) or "kind" not in cfg:
-        raise ArtifactError(f"{where} has no 'config' section with the prefix kind")
-    for key in ("kind", "length", "dtype"):
-        if key not in manifest:
-            raise ArtifactError(f"{where} lacks the field {key!r}")
-    if not isinstance(manifest["length"], int) or manifest["length"] < 0:
-        raise ArtifactError(f"{where}: length {manifest['length']!r} is not a non-negative integer")
-    if cfg.get("length", manifest["length"]) != manifest["length"]:
-        raise ArtifactError(f"{where}: length {manifest['length']} disagrees with config length {cfg['length']}")
-    if cfg["kind"] == "lowrank" and not all(k in cfg for k in ("scope", "shapes", "ranks")):
-        raise ArtifactError(f"{where}: a low-rank prefix needs scope, shapes and ranks in its config")
-
-
-def base_manifest(spec, kind: str, length: int, dtype: str, name_or_path: str | None,
-                  metadata: dict | None) -> dict:
-    from . import __version__
-    from dataclasses import asdict
-
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "rlprefix_version": __version__,
-            "kind": kind, "length": length, "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads,
-            "head_dim": spec.head_dim, "kv_dim": spec.kv_dim, "dtype": dtype,
-            "model": {**asdict(spec), "fingerprint": spec.fingerprint(), "name_or_path": name_or_path},
-            "provenance": metadata or {}}
-
-
-def save_prefix(prefix, path, metadata: dict | None = None, name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Save any prefix (Prefix or CompressedPrefix) as `prefix.safetensors` + `manifest.json`.
-
-    The base model is recorded (`name_or_path`, else `metadata["model"]`) so that tools can load it later.
-    Only a previous rlprefix artifact (or an empty directory) at `path` is replaced, unless `overwrite`.
-    """
-    name_or_path = name_or_path or (metadata or {}).get("model")
-    tensors = {k: v for k, v in prefix.state_dict().items()}
-    manifest = base_manifest(prefix.spec, prefix.kind, prefix.length,
-                             str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else "float32",
-                             name_or_path, metadata)
-    manifest["config"] = prefix.config_dict()
-    manifest["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
-    return write_artifact_dir(path, {TENSORS_FILE: tensors, MANIFEST_FILE: manifest}, overwrite=overwrite)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-_LOWRANK_FIELDS = {"length", "scope", "shapes", "ranks", "anchor_ids", "dtype"}
-
-
-def _build_prefix(spec, cfg: dict):
-    from .lowrank import CompressedPrefix
-    from .prefix import Prefix
-
-    cfg = dict(cfg)
-    kind = cfg.pop("kind")
-    if kind == "lowrank":
-        unknown = set(cfg) - _LOWRANK_FIELDS
-        if unknown:
-            raise TypeError(f"unknown config field(s) {sorted(unknown)}")
-        rows_per = spec.num_layers if cfg.get("scope") == "shared" else 1
-        if any(rows != rows_per * cfg["length"] for rows, _, _ in cfg["shapes"]):
-            raise ValueError(f"length {cfg['length']} disagrees with the factor shapes {cfg['shapes']}")
-        return CompressedPrefix.from_config(spec, cfg)
-    return Prefix(spec, cfg.pop("length"), kind, **cfg)
-
-
-def load_prefix(path, model=None):
-    """Load a saved prefix; with `model`, check it was made for this architecture and move it to its device."""
-    from .modeling import KVSpec
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    if model is not None:
-        check_model_match(manifest, model, str(path))
-    try:
-        spec = KVSpec(**{k: manifest["model"][k] for k in KVSpec.__dataclass_fields__})
-        cfg = dict(manifest["config"])
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"{path / MANIFEST_FILE} is missing field {e}") from None
-    tensors = load_tensors(path / TENSORS_FILE)
-    expected = {k: tuple(v) for k, v in manifest.get("tensors", {}).items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        raise ArtifactError(f"{path / TENSORS_FILE} does not match its manifest: manifest lists {expected}, "
-                            f"file holds {found}")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ArtifactError(f"{path / TENSORS_FILE} holds non-finite values (NaN/inf) in {bad}; the prefix is "
-                            f"unusable (was it saved from a diverged run?)")
-    cfg.setdefault("length", manifest["length"])
-    try:
-        obj = _build_prefix(spec, cfg)
-        obj.load_state_dict({k: v.float() for k, v in tensors.items()})
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise ArtifactError(f"{path / MANIFEST_FILE} does not describe its tensors: {_first_line(e)}") from None
-    obj.manifest = manifest
-    if model is not None:
-        obj.to(model.device)
-        if getattr(obj, "anchor_ids", None):
-            obj.key_values(model)  # rebuild the anchor K/V now, so later calls need no model
-    return obj

@@ -18,9 +18,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .artifacts import register_kind, save_prefix
+from .data import load_records
+from .evaluate import evaluate_reward
+from .generation import encode_prompts, sample
 from .modeling import KVSpec, resolve_dtype
+from .prefix import Prefix, text_kv
+from .runtime import score_completions
 
 Scope = Literal["matrix", "shared", "whole"]
 SCOPES = ("matrix", "shared", "whole")
@@ -96,8 +103,6 @@ class CompressedPrefix(nn.Module):
     @torch.no_grad()
     def from_prefix(cls, prefix, model=None, rank: int | None = None, energy: float | None = None,
                     scope: Scope = "shared", anchor: bool | str = "auto", dtype: str = "float32") -> "CompressedPrefix":
-        from .prefix import text_kv
-
         kv = prefix.key_values(model).detach().float().cpu()
         ids = getattr(prefix, "init_ids", None)
         use_anchor = bool(ids) and model is not None if anchor == "auto" else bool(anchor)
@@ -138,8 +143,6 @@ class CompressedPrefix(nn.Module):
                 if model is None:
                     raise ValueError("this compressed prefix is anchored on the model's own K/V for "
                                      f"{len(self.anchor_ids)} tokens: pass the model to rebuild them")
-                from .prefix import text_kv
-
                 self.anchor = text_kv(model, self.anchor_ids).to(kv.device)
             kv = kv + self.anchor.to(kv.device)
         return kv
@@ -147,8 +150,6 @@ class CompressedPrefix(nn.Module):
     @torch.no_grad()
     def merge(self, model=None):
         """Reconstruct once into a plain "kv" Prefix (what generation uses when loaded for speed)."""
-        from .prefix import Prefix
-
         return Prefix(self.spec, self.length, "kv", init_kv=self.key_values(model).float().cpu(),
                       init_ids=self.anchor_ids).to(self.device)
 
@@ -172,7 +173,6 @@ class CompressedPrefix(nn.Module):
     def save(self, path, metadata: dict | None = None, *, overwrite: bool = False) -> None:
         """Write the prefix to directory `path`; only a previous rlprefix artifact there is replaced, unless
         `overwrite`. Record the base model as `metadata["model"]` so tools can find it."""
-        from .io import save_prefix
         save_prefix(self, path, metadata, overwrite=overwrite)
 
 
@@ -198,12 +198,6 @@ def reconstruction_error(full, compressed, model=None) -> list[float]:
 def next_token_kl(model, tokenizer, full, compressed, prompts, *, chat=None, system=None, max_new_tokens: int = 32,
                   seed: int = 0, batch_size: int = 16, temperature: float = 1.0) -> float:
     """Mean per-token KL(full || compressed) of next-token distributions along completions sampled with `full`."""
-    import torch.nn.functional as F
-
-    from .data import load_records
-    from .generation import encode_prompts, sample
-    from .runtime import score_completions
-
     ds = load_records(prompts)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     kv_full, kv_comp = full.key_values(model), compressed.key_values(model)
@@ -228,8 +222,6 @@ def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *,
 
     reward_retained = (R_compressed - R_base) / (R_full - R_base): the share of the prefix's gain kept.
     """
-    from .evaluate import evaluate_reward
-
     report = {"scope": compressed.scope, "ranks": compressed.ranks, "parameters": compressed.num_parameters(),
               "full_parameters": compressed.full_parameters(), "bytes": compressed.nbytes(),
               "full_bytes": compressed.full_parameters() * 4, "compression_ratio": compressed.compression_ratio(),
@@ -280,3 +272,19 @@ def compress_to_budget(model, tokenizer, prefix, prompts, max_kl: float, scope: 
         raise ValueError(f"no rank in {tried} compresses this prefix ({scope} scope)")
     trail.append({"budget_met": False, "rank": max(best[0].ranks), "kl_per_token": best[1]})
     return best[0], trail
+
+
+_LOWRANK_FIELDS = {"length", "scope", "shapes", "ranks", "anchor_ids", "dtype"}
+
+
+def _from_manifest(spec: KVSpec, kind: str, cfg: dict) -> CompressedPrefix:
+    unknown = set(cfg) - _LOWRANK_FIELDS
+    if unknown:
+        raise TypeError(f"unknown config field(s) {sorted(unknown)}")
+    rows_per = spec.num_layers if cfg.get("scope") == "shared" else 1
+    if any(rows != rows_per * cfg["length"] for rows, _, _ in cfg["shapes"]):
+        raise ValueError(f"length {cfg['length']} disagrees with the factor shapes {cfg['shapes']}")
+    return CompressedPrefix.from_config(spec, cfg)
+
+
+register_kind(("lowrank",), _from_manifest)

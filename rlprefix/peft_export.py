@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .io import ArtifactError, ModelMismatchError, load_tensors, read_json, write_artifact_dir
+from .artifacts import ModelMismatchError
+from .io import ArtifactError, load_tensors, read_json, write_artifact_dir
 from .modeling import kv_spec
 
 PEFT_CONFIG_FILE = "adapter_config.json"

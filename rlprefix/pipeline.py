@@ -15,13 +15,24 @@ from pathlib import Path
 
 import torch
 
+from rewards import Scorer, build_reward
+
+from . import rl, warmstart
+from .artifacts import load_prefix
 from .config import RunConfig, dump_config, stage_config
 from .distributed import Dist
 from .freshness import check_resume, content_hash
 from .guards import assert_finite
+from .evaluate import evaluate_reward
 from .io import atomic_write_json, atomic_write_text, read_json, recover_artifact_dir
 from .lock import OutputLock
+from .lowrank import compress, compress_to_budget, fidelity_report
+from .modeling import load_model
+from .peft_export import export_peft
 from .preflight import preflight
+from .prefix import Prefix
+from .rl import PPOConfig
+from .warmstart import WarmStartConfig
 
 CONFIG_HEADER = "# written by `rlprefix run`: the configuration of the run in this directory\n"
 
@@ -122,16 +133,6 @@ def _check_checkpoints(cfg: RunConfig, out: Path, stages: "Stages", keys: dict, 
 
 
 def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
-    from rewards import Scorer, build_reward
-
-    from .lowrank import compress, compress_to_budget, fidelity_report
-    from .evaluate import evaluate_reward
-    from .io import load_prefix
-    from .modeling import load_model
-    from .peft_export import export_peft
-    from .rl import PPOConfig, ppo
-    from .prefix import Prefix
-    from .warmstart import WarmStartConfig, warm_start
 
     stages = Stages(out, dist)
     eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
@@ -203,8 +204,9 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
             t = time.perf_counter()
             ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
             ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
-            res = warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg, eval_dataset=cfg.warm_start.eval_data,
-                             output_dir=out / "warm_start", dist=dist, tensorboard=cfg.logging.tensorboard)
+            res = warmstart.warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg,
+                                       eval_dataset=cfg.warm_start.eval_data, output_dir=out / "warm_start",
+                                       dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix
             assert_finite("warm-start prefix", res.steps_done, prefix.key_values(model))
             if dist.is_main:
@@ -231,7 +233,7 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
         marker = stages.done("ppo", ppo_key)
         if marker is None:
             t = time.perf_counter()
-            res = ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, eval_prompts=eval_prompts,
+            res = rl.ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, eval_prompts=eval_prompts,
                       output_dir=out / "ppo", dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
             assert_finite("PPO prefix", res.steps_done, prefix.key_values(model))

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .artifacts import load_prefix, register_kind, save_prefix
 from .modeling import KVSpec, kv_spec
 
 PrefixKind = Literal["kv", "mlp", "prompt"]
@@ -150,7 +151,7 @@ class Prefix(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, length={self.length}, spec=({self.spec.describe()})"
 
-    # --- persistence (safetensors + JSON manifest; see rlprefix.io) ----------------------------------
+    # --- persistence (safetensors + JSON manifest; see rlprefix.artifacts) -----------------------------
     def config_dict(self) -> dict:
         return {"kind": self.kind, "length": self.length, "mlp_hidden": self.mlp_hidden,
                 "mlp_input_dim": self.mlp_input_dim, "init_ids": self.init_ids}
@@ -158,10 +159,16 @@ class Prefix(nn.Module):
     def save(self, path, metadata: dict | None = None, *, overwrite: bool = False) -> None:
         """Write the prefix to directory `path`; only a previous rlprefix artifact there is replaced, unless
         `overwrite`. Record the base model as `metadata["model"]` so tools can find it."""
-        from .io import save_prefix
         save_prefix(self, path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, model=None) -> "Prefix":
-        from .io import load_prefix
         return load_prefix(path, model)
+
+
+def _from_manifest(spec: KVSpec, kind: str, cfg: dict) -> Prefix:
+    cfg = dict(cfg)
+    return Prefix(spec, cfg.pop("length"), kind, **cfg)
+
+
+register_kind(KINDS, _from_manifest)

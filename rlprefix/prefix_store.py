@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .io import MANIFEST_FILE, ArtifactError, ModelMismatchError, load_prefix
+from .artifacts import ModelMismatchError, load_prefix
+from .io import MANIFEST_FILE, ArtifactError
 from .peft_export import PEFT_CONFIG_FILE, load_peft_kv
 from .runtime import model_dtype
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rewards import REGISTRY, build_reward, load_callable
+
 from .config import ConfigError, RunConfig
 from .data import load_records, require_columns
 
@@ -46,8 +48,6 @@ def check_data(cfg: RunConfig) -> None:
 
 def check_reward(spec: dict, key: str = "reward") -> None:
     """The reward (and every component) names a built-in or an importable callable."""
-    from rewards import REGISTRY, load_callable
-
     name = spec.get("name") if isinstance(spec, dict) else None
     if not isinstance(name, str):
         raise ConfigError(f"{key}: needs a 'name' (a built-in such as sentiment, or 'package.module:function')")
@@ -66,8 +66,6 @@ def check_reward(spec: dict, key: str = "reward") -> None:
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         return
-    from rewards import build_reward
-
     try:
         build_reward(name)  # raises the did-you-mean error
     except ValueError as e:

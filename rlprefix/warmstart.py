@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
-from .guards import assert_finite
 from .data import SFTExample, collate_sft, load_records, tokenize_sft
+from .distributed import Dist
+from .guards import assert_finite
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import forward
@@ -137,8 +138,6 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     With `dist` (several processes), each micro-batch is split across processes, the loss is normalised by the
     micro-batches' global token count and gradients are summed: the same update as one process.
     """
-    from .distributed import Dist
-
     cfg = config or WarmStartConfig()
     cfg.validate()  # again: fields may have been changed since construction
     dist = dist or Dist()

@@ -59,3 +59,10 @@ def test_every_module_imports_on_its_own():
               "        del sys.modules[k]\n"
               "    importlib.import_module(m)\n")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=600)
+
+
+def test_version_is_defined_once_and_matches_pyproject():
+    import tomllib
+
+    from rlprefix import __version__
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__

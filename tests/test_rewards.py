@@ -62,6 +62,23 @@ def test_fluency_prefers_the_models_own_text():
     assert own > other
 
 
+def test_fluency_equals_rlprefix_scoring_of_the_same_tokens():
+    """The reward runs plain transformers; it must agree with rlprefix's own scorer (left-padded batch)."""
+    from rlprefix.generation import encode_prompts
+    from rlprefix.runtime import score_completions
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompts, completions = ["hello world", "The film was wonderful and long"], ["good day", "not bad at all"]
+    got = build_reward("fluency", context={"model": model, "tokenizer": tok})(prompts, completions)
+    ids, mask = encode_prompts(tok, prompts)
+    tok.padding_side = "right"
+    enc = tok(completions, add_special_tokens=False, padding=True, return_tensors="pt")
+    lp = score_completions(model, ids, mask, enc["input_ids"], enc["attention_mask"]).logprobs
+    m = enc["attention_mask"]
+    want = ((lp * m).sum(1) / m.sum(1)).tolist()
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_classifier_scores_a_label(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
