@@ -388,7 +388,9 @@ def _compact(cache, keep: torch.Tensor, groups: int, pos, key_valid, done, seeds
     batch) still decoded; their cache rows, positions, masks, seeds and last tokens move up. A row's logits do not
     depend on its neighbours, so the kept rows go on as they would have (up to the fp rounding of another batch
     shape, as for any batch)."""
-    batch_rows = keep if groups == 1 else (keep.unsqueeze(1) * groups + torch.arange(groups, device=keep.device)).flatten()
+    batch_rows = keep
+    if groups > 1:  # an output row is a run of `groups` batch rows
+        batch_rows = (keep.unsqueeze(1) * groups + torch.arange(groups, device=keep.device)).flatten()
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, batch_rows)
         layer.values = layer.values.index_select(0, batch_rows)

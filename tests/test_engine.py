@@ -252,8 +252,8 @@ def test_step_hook_sees_each_token_and_can_stop_rows(tokenizer):
     assert (plain.completion_mask.sum(1) > 8).all()  # long enough for the stops below to cut something
 
     seen = []
-    quiet = sample(model, tokenizer, ids, mask, on_step=lambda t, tok, alive: seen.append((tok.tolist(), alive.tolist())),
-                   **kw)
+    quiet = sample(model, tokenizer, ids, mask, **kw,
+                   on_step=lambda t, tok, alive: seen.append((tok.tolist(), alive.tolist())))
     assert torch.equal(quiet.completion_ids, plain.completion_ids) and torch.equal(quiet.logprobs, plain.logprobs)
     assert [s[0] for s in seen] == plain.completion_ids.T.tolist()[:len(seen)]
     assert [s[1] for s in seen] == plain.completion_mask.T.tolist()[:len(seen)]
@@ -283,8 +283,8 @@ def test_step_hook_sees_each_token_and_can_stop_rows(tokenizer):
                row_seeds=[1, 2, 3, 4], max_new_tokens=10)
     ids2, mask2 = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
     a = sample(model, tokenizer, ids2, mask2, **ens)
-    b = sample(model, tokenizer, ids2, mask2, on_step=lambda t, tok, alive: [False, True, False, False] if t == 1 else None,
-               **ens)
+    b = sample(model, tokenizer, ids2, mask2, **ens,
+               on_step=lambda t, tok, alive: [False, True, False, False] if t == 1 else None)
     keep = [0, 2, 3]
     assert torch.equal(a.completion_ids[keep], b.completion_ids[keep]) and b.completion_mask[1].sum() == 2
     with pytest.raises(ValueError, match="rows to stop"):
