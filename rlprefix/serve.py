@@ -432,8 +432,8 @@ class Call:
         return next((s.error for s in self.sinks if s.error is not None), None)
 
     async def wait(self, request: Request, timeout: float = 0.1) -> None:
-        """Until something new arrived; ClientGone if the client disconnected meanwhile."""
-        self.wake.clear()
+        """Until something arrived since `wake` was last cleared (the caller clears it before it looks at the sinks,
+        so nothing delivered while it was busy is missed); ClientGone if the client disconnected meanwhile."""
         try:
             await asyncio.wait_for(self.wake.wait(), timeout)
         except asyncio.TimeoutError:
@@ -539,7 +539,10 @@ async def _generate(server: Server, request: Request, req, entry: ServedPrefix, 
         body = _stream(server, request, req, entry, call, prompt_tokens, chat, start)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        while not call.done():
+        while True:
+            call.wake.clear()
+            if call.done():
+                break
             await call.wait(request)
     except (ClientGone, asyncio.CancelledError) as e:
         call.cancel()
@@ -582,6 +585,7 @@ async def _stream(server: Server, request: Request, req, entry: ServedPrefix, ca
             for index in range(len(call.sinks)):
                 yield chunk(index, None)
         while True:
+            call.wake.clear()  # before looking: whatever arrives while chunks are sent wakes the wait below at once
             for index, sink in enumerate(call.sinks):
                 if finished[index]:
                     continue
