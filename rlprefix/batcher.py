@@ -2,7 +2,8 @@
 
 Requests (whatever their prefix) are split into rows, one per completion; the thread takes the first
 waiting row, then gathers more for a short window (up to `max_batch`), and hands them to `decode` in one
-call. A row whose client left before its batch started is dropped (its future was cancelled).
+call. A row whose client left before its batch started is dropped (its future was cancelled); one whose client
+leaves while it is decoded has `cancelled` set, which `decode` checks at every step (see `serve._StepHook`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +30,8 @@ class Row:
     top_p: float
     seed: int                     # this row's own random stream: its output does not depend on the batch
     future: Future = field(default_factory=Future, repr=False)
+    sink: Any = field(default=None, repr=False)  # gets the tokens as they are decoded (None: the result only)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)  # stop decoding it
 
 
 @dataclass

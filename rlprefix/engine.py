@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Callable
 
 import torch
 from transformers import StaticCache
@@ -34,6 +35,17 @@ from .modeling import kv_spec
 from .runtime import model_dtype, position_ids, prefix_kv
 
 M32 = 0xFFFFFFFF
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | list[bool] | None"]
+"""`sample(on_step=...)`: (step t, tokens [B/k], alive [B/k]) -> rows to finish now, or None.
+
+Called after every decode step, on the thread running `sample`. The tensors live on the model's device: reading
+them (`.tolist()`) is a host sync, which the hook pays only when it needs the tokens (streaming); returning None
+costs nothing. Returned rows count as finished from the next step on (no tokens, mask 0); rows already finished
+may be included. Returning rows also makes the engine look at which rows are done right away (one sync): when all
+are, the loop ends; otherwise, on the eager path, the finished rows are dropped from the batch so later steps no
+longer compute them (under CUDA graphs, `compile=True`, the batch keeps its bucketed shape and they idle).
+"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,7 +259,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
            top_p: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None,
            row_seeds: list[int] | None = None, decode: bool = True, return_hidden: bool = False,
            stop_check_every: int = 8, groups: int = 1, force_tokens: torch.Tensor | None = None,
-           compile: bool | None = None) -> Rollout:
+           compile: bool | None = None, on_step: StepHook | None = None) -> Rollout:
     """Sample completions for left-padded prompts; same keywords and `Rollout` as `generation.sample`.
 
     Prefixes: `prefix` or `kv` (one for every row), or `bank` + `prefix_index` (LongTensor [B], -1 = none).
@@ -256,6 +268,9 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     `force_tokens` [B/k, T]: teacher forcing; the given tokens are fed instead of sampled ones (their policy
     log-probs are recorded), which scores a completion along the exact path of the decode loop.
     `compile` (default: on CUDA) runs the decode step under CUDA graphs.
+    `on_step(t, tokens, alive)`: called after decode step t with that step's tokens and alive mask ([B/k] device
+    tensors, one per output row; finished rows hold the pad token and 0); it may return a bool tensor or list [B/k]
+    of rows to finish now (cancelled: no more tokens, mask 0 from step t + 1). See `StepHook`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
@@ -309,24 +324,50 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     logits, h = prefill(model, prompt_ids, pos, key_valid, pmax, tp, cache, bank, index, spec, total, return_hidden)
     pos = pos[:, -1:]
     steps = max_new_tokens if force_tokens is None else min(max_new_tokens, force_tokens.shape[1])
+    live = None  # once finished rows were dropped (see `_compact`): the output rows still decoded, in batch order
+    work = rows  # rows of the model batch that carry output rows (the rest are bucket padding)
     for t in range(steps):
-        logits, h = logits[:rows], (h[:rows] if h is not None else None)
+        logits, h = logits[:work], (h[:work] if h is not None else None)
         if t < min_new_tokens:
             logits[:, stop] = float("-inf")
         logp = policy_logprobs(logits, temperature, groups)
         if force_tokens is not None:
             nxt = force_tokens[:, t].to(device)
+            nxt = nxt if live is None else nxt[live]
         else:
             nxt = choose(logp, uniforms(seeds, counter) if seeds is not None else None, top_k, top_p)
         lp = logp.gather(-1, nxt.unsqueeze(1)).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens[:, t], alive[:, t] = nxt, (~done).long()
-        logps[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+        at = slice(None) if live is None else live
+        tokens[at, t], alive[at, t] = nxt, (~done).long()
+        logps[at, t] = torch.where(done, torch.zeros_like(lp), lp)
         if hidden is not None:
-            hidden[:, t] = h.view(out_rows, groups, -1)[:, 0]
+            hidden[at, t] = h.view(-1, groups, h.shape[-1])[:, 0]
         done = done | torch.isin(nxt, stop)
-        if t + 1 == steps or ((t + 1) % stop_check_every == 0 and bool(done.all())):
+        check = (t + 1) % stop_check_every == 0
+        if on_step is not None:
+            cancel = on_step(t, tokens[:, t], alive[:, t])
+            if cancel is not None:  # the caller knows these rows (host side): look at `done` now
+                cancel = torch.as_tensor(cancel, dtype=torch.bool).to(device)
+                if cancel.shape != (out_rows,):
+                    raise ValueError(f"on_step returned {tuple(cancel.shape)} rows to stop; the batch has {out_rows}")
+                done = done | (cancel if live is None else cancel[live])
+                check = True
+        if t + 1 == steps:
             break
+        if check:
+            if on_step is None:
+                if bool(done.all()):
+                    break
+            else:
+                finished = int(done.sum())
+                if finished == done.shape[0]:
+                    break
+                if finished and not compile:  # free the finished rows' share of every later step
+                    keep = (~done).nonzero().squeeze(1)
+                    live = keep if live is None else live[keep]
+                    pos, key_valid, done, seeds, nxt = _compact(cache, keep, groups, pos, key_valid, done, seeds, nxt)
+                    work = live.numel() * groups
         ids = nxt.repeat_interleave(groups)
         if batch > rows:
             ids = torch.cat([ids, ids.new_full((batch - rows,), pad)])
@@ -340,6 +381,22 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         counter += 1
     return _rollout(tokenizer, prompt_ids[:rows:groups], prompt_mask[:rows:groups], tokens, alive, logps, hidden,
                     pad, decode)
+
+
+def _compact(cache, keep: torch.Tensor, groups: int, pos, key_valid, done, seeds, nxt):
+    """Drop the finished rows from the batch (eager path): `keep` are the output rows (positions in the current
+    batch) still decoded; their cache rows, positions, masks, seeds and last tokens move up. A row's logits do not
+    depend on its neighbours, so the kept rows go on as they would have (up to the fp rounding of another batch
+    shape, as for any batch)."""
+    batch_rows = keep
+    if groups > 1:  # an output row is a run of `groups` batch rows
+        batch_rows = (keep.unsqueeze(1) * groups + torch.arange(groups, device=keep.device)).flatten()
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, batch_rows)
+        layer.values = layer.values.index_select(0, batch_rows)
+        layer.batch_size = batch_rows.numel()
+    return (pos[batch_rows], key_valid[batch_rows], done[keep], seeds[keep] if seeds is not None else None,
+            nxt[keep])
 
 
 def _rollout(tokenizer, prompt_ids, prompt_mask, tokens, alive, logps, hidden, pad, decode) -> Rollout:

@@ -30,6 +30,10 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: Union[str, list[str], None] = Field(None)
     stream: bool = False
+    stream_options: dict | None = None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and (self.stream_options or {}).get("include_usage"))
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -117,3 +121,9 @@ def chat_chunk(rid: str, model: str, index: int, delta: dict, finish: str | None
 
 def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def usage_chunk(rid: str, model: str, chat: bool, use: dict) -> dict:
+    """The last chunk of a stream with `stream_options: {"include_usage": true}`: no choices, the usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [], "usage": use}

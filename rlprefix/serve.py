@@ -4,6 +4,10 @@ One process holds one copy of the model; every prefix under `--prefixes DIR` is 
 name (the bare model as `base`), chosen per request by the `model` field. Requests are split into rows (one
 per completion) and a background thread decodes whatever rows are waiting together (see `batcher`). Each
 row samples from its own seeded stream, so a reply for a given `seed` does not depend on the batch.
+
+Tokens reach the request handlers as they are decoded (the engine's per-step hook, `_StepHook`): streamed
+replies send each new piece of text at once, stop strings end a row's decoding, and a row whose client left is
+stopped at the next step (and leaves the batch).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from .engine import sample as engine_sample  # the server's one sampler (generat
 from .generation import eos_ids
 from .modeling import load_model
 from .openai_protocol import (APIError, ChatRequest, CompletionRequest, chat_chunk, chat_response,
-                              completion_chunk, completion_response, new_id, parse_body, sse, usage, validate)
+                              completion_chunk, completion_response, new_id, parse_body, sse, usage, usage_chunk,
+                              validate)
 from .prefix_store import PrefixStore, ServedPrefix
 from .serve_metrics import Metrics
 
@@ -90,37 +95,106 @@ def _sampling_key(r: Row) -> tuple:
     return ("greedy",) if r.temperature == 0 else ("sample", r.temperature, r.top_p)
 
 
-def _decode_group(model, tok, rows: list[Row], bank: PrefixBank | None, index: torch.Tensor) -> list[RowResult]:
+class _StepHook:
+    """`engine.sample`'s `on_step` for one engine call: hands each step's tokens to the rows that listen (their
+    `sink`: streamed replies and rows with stop strings) on the server's event loop, and finishes rows whose client
+    left (`Row.cancelled`, set by the handler) or that reached their own `max_tokens`.
+
+    Only a call with listening rows reads the tokens every step (a host sync); otherwise a step costs a look at
+    the rows' flags. `rlprefix_decode_rows` counts the rows being decoded; a row leaves it at the step it ends.
+    """
+
+    def __init__(self, rows: list[Row], eos: set[int], metrics: Metrics):
+        self.rows, self.eos, self.metrics = rows, eos, metrics
+        self.listeners = [(j, r.sink) for j, r in enumerate(rows) if r.sink is not None]
+        self.running = [True] * len(rows)
+        metrics.inc("rlprefix_decode_rows", len(rows))
+
+    def __call__(self, t: int, tokens: torch.Tensor, alive: torch.Tensor) -> list[bool] | None:
+        ended = [False] * len(self.rows)
+        if self.listeners:
+            toks, live = tokens.tolist(), alive.tolist()
+            items = [(sink, toks[j]) for j, sink in self.listeners if live[j]]
+            if items:
+                _post(self.listeners[0][1].loop, items)
+            for j, _ in self.listeners:
+                ended[j] = not live[j] or toks[j] in self.eos  # known here: let the engine drop the row now
+        for j, r in enumerate(self.rows):
+            ended[j] = ended[j] or r.cancelled.is_set() or t + 1 >= r.max_tokens
+        newly = [j for j, e in enumerate(ended) if e and self.running[j]]
+        if not newly:
+            return None
+        for j in newly:
+            self.running[j] = False
+        self.metrics.inc("rlprefix_decode_rows", -len(newly))
+        return ended
+
+    def close(self) -> None:
+        self.metrics.inc("rlprefix_decode_rows", -sum(self.running))
+        self.running = [False] * len(self.rows)
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Deliver (sink, token) pairs on the event loop (one wake-up per step for all rows)."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the loop is closed: the server is shutting down
+        pass
+
+
+def _deliver(items: list) -> None:
+    for sink, token in items:
+        sink.push([token])
+
+
+def _decode_group(model, tok, rows: list[Row], bank: PrefixBank | None, index: torch.Tensor, eos: set[int],
+                  metrics: Metrics) -> list[RowResult]:
     """Rows sharing temperature and top_p (any prefixes) in one `engine.sample` call, one seed per row."""
     first = rows[0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = _pad_left([r.prompt_ids for r in rows], pad)
     greedy = first.temperature == 0
-    out = engine_sample(model, tok, ids, mask, bank=bank, prefix_index=index if bank is not None else None,
-                        max_new_tokens=max(r.max_tokens for r in rows), temperature=1.0 if greedy else first.temperature,
-                        do_sample=not greedy, top_p=first.top_p, row_seeds=[r.seed for r in rows], decode=False)
-    stop = set(eos_ids(model, tok))
+    hook = _StepHook(rows, eos, metrics)
+    try:
+        out = engine_sample(model, tok, ids, mask, bank=bank, prefix_index=index if bank is not None else None,
+                            max_new_tokens=max(r.max_tokens for r in rows),
+                            temperature=1.0 if greedy else first.temperature, do_sample=not greedy, top_p=first.top_p,
+                            row_seeds=[r.seed for r in rows], decode=False, on_step=hook)
+    finally:
+        hook.close()
+    lengths = out.completion_mask.sum(1).tolist()
+    metrics.inc("rlprefix_decoded_tokens_total", sum(lengths))
     results = []
     for j, r in enumerate(rows):  # a row's draws are its own, so cutting at its max_tokens equals running to it
-        n = min(int(out.completion_mask[j].sum()), r.max_tokens)
+        n = min(int(lengths[j]), r.max_tokens)
         toks = out.completion_ids[j, :n].tolist()
-        results.append(RowResult(toks, tok.decode(toks, skip_special_tokens=True), bool(toks) and toks[-1] in stop))
+        results.append(RowResult(toks, tok.decode(toks, skip_special_tokens=True), bool(toks) and toks[-1] in eos))
     return results
 
 
-def _decode_batch(model, tok, rows: list[Row], banks: BankCache) -> list[RowResult]:
+def _decode_batch(model, tok, rows: list[Row], banks: BankCache, metrics: Metrics | None = None) -> list[RowResult]:
     """Decode a batch of rows with any mix of prefixes: one engine call per sampling setting.
 
     Rows with different prefixes share every decode step (one `PrefixBank` for the batch, `prefix_index` per
     row); the engine's counter-based per-row randomness keeps each row's output independent of the batch.
+    Rows cancelled before their engine call starts are not decoded (an empty result).
     """
-    bank, index = banks.lookup(rows)
-    results: list[RowResult | None] = [None] * len(rows)
+    metrics = metrics if metrics is not None else Metrics()
+    eos = set(eos_ids(model, tok))
+    results: list[RowResult | None] = [RowResult([], "", False)] * len(rows)
+    todo = [i for i, r in enumerate(rows) if not r.cancelled.is_set()]
+    if not todo:
+        return results
+    bank, index = banks.lookup([rows[i] for i in todo])
     groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(_sampling_key(r), []).append(i)
-    for idx in groups.values():
-        for i, res in zip(idx, _decode_group(model, tok, [rows[i] for i in idx], bank, index[idx])):
+    for k, i in enumerate(todo):
+        groups.setdefault(_sampling_key(rows[i]), []).append(k)
+    for ks in groups.values():
+        ks = [k for k in ks if not rows[todo[k]].cancelled.is_set()]  # clients may leave while an earlier group runs
+        if not ks:
+            continue
+        group = [todo[k] for k in ks]
+        for i, res in zip(group, _decode_group(model, tok, [rows[i] for i in group], bank, index[ks], eos, metrics)):
             results[i] = res
     return results
 
@@ -141,8 +215,9 @@ class Server:
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
         self.metrics = Metrics()
         self.banks = BankCache(model, metrics=self.metrics)
-        self.batcher = Batcher(lambda rows: _decode_batch(model, tok, rows, self.banks), max_batch, wait_s,
-                               self.metrics)
+        self.batcher = Batcher(lambda rows: _decode_batch(model, tok, rows, self.banks, self.metrics), max_batch,
+                               wait_s, self.metrics)
+        self.eos = set(eos_ids(model, tok))
         self.context = context_length(model, tok)
         self._last_scan = 0.0
 
@@ -199,55 +274,189 @@ class Server:
                            f"exceed the model's context of {ctx} tokens", "max_tokens", "context_length_exceeded")
         return max_tokens
 
-    def submit(self, entry: ServedPrefix, prompts: list[list[int]], req, max_tokens: int) -> list:
-        futures = []
+    def submit(self, entry: ServedPrefix, prompts: list[list[int]], req, max_tokens: int, stops: list[str]) -> Call:
+        """Queue one row per prompt and choice; streamed rows and rows with stop strings get their tokens per step."""
+        loop, call = asyncio.get_running_loop(), Call(self.metrics)
         for ids in prompts:
             for j in range(req.n):
                 seed = req.seed + j if req.seed is not None else secrets.randbits(62)
-                row = Row(entry.name, entry.kv, ids, max_tokens, req.temperature, req.top_p, seed)
-                futures.append(self.batcher.submit(row))
+                sink = RowSink(loop, TextStream(self.tok, stops), self.eos, max_tokens, call.wake)
+                row = Row(entry.name, entry.kv, ids, max_tokens, req.temperature, req.top_p, seed,
+                          sink=sink if req.stream or stops else None)
+                call.add(row, sink)
+                self.batcher.submit(row)
         self.metrics.inc("rlprefix_prompt_tokens_total", sum(len(p) for p in prompts) * req.n)
-        return futures
+        return call
 
 
-def finish(res: RowResult, stops: list[str]) -> tuple[str, str]:
-    """(text cut at the first stop sequence, finish_reason)."""
-    cuts = [res.text.find(s) for s in stops if s in res.text]
-    if cuts:
-        return res.text[:min(cuts)], "stop"
-    return res.text, "stop" if res.hit_eos else "length"
+class TextStream:
+    """A completion's text as its tokens arrive: incremental detokenisation and stop strings.
+
+    `add(ids)` returns the text that can be released now. New text is the difference of decoded prefixes, decoded
+    over a window that starts a token or so back (so a step costs O(1) whatever the length; merged and multi-byte
+    tokens come out right), and is held back while it ends in an incomplete character (U+FFFD) or in what may be the
+    start of a stop string. The text ends at the first stop string to be completed, which is never released.
+    `close()` releases the rest (the decode of all tokens, cut at a stop string). Adding the tokens one at a time or
+    all at once gives the same text.
+    """
+
+    def __init__(self, tok, stops: list[str]):
+        self.tok, self.stops = tok, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""       # decoded so far: complete characters only
+        self.sent = 0        # characters of `text` released
+        self.stopped = False  # a stop string was completed: `text` ends before it
+        self._prefix = self._read = 0  # the decode window: ids[_prefix:_read] was decoded into text already
+        self._checked = 0    # text[:_checked] holds no complete stop string
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids += ids
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def close(self) -> str:
+        if self.stopped:
+            return ""
+        full = self._decode(self.ids)
+        if full.startswith(self.text):
+            self.text = full  # whatever the window held back (a trailing incomplete character)
+        else:  # the windowed decode disagreed with the full one (not seen with byte-level BPE): keep what was sent
+            log.warning("incremental detokenisation differs from the full decode: %r vs %r", self.text, full)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        hits = []
+        for s in self.stops:
+            at = self.text.find(s, max(0, self._checked - len(s) + 1))
+            if at >= 0:
+                hits.append((at + len(s), at))
+        self._checked = end
+        if hits:  # the first stop string to be completed (the longer one on a tie) ends the text
+            end, self.stopped = min(hits)[1], True
+        elif not final:  # hold back a tail that may grow into a stop string
+            for k in range(min(max((len(s) for s in self.stops), default=1) - 1, end - self.sent), 0, -1):
+                tail = self.text[end - k:]
+                if any(len(s) > k and s.startswith(tail) for s in self.stops):
+                    end -= k
+                    break
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        if self.stopped:
+            self.text = self.text[:end]
+        return piece
 
 
-def text_pieces(tok, token_ids: list[int], text: str) -> list[str]:
-    """`text` split at token boundaries (never inside a multi-byte character); the pieces join to `text`."""
-    pieces, sent = [], 0
-    for k in range(1, len(token_ids) + 1):
-        partial = tok.decode(token_ids[:k], skip_special_tokens=True)
-        if partial.endswith("\ufffd"):
-            continue
-        end = min(len(partial), len(text))
-        if end > sent:
-            pieces.append(text[sent:end])
-            sent = end
-    return pieces + ([text[sent:]] if sent < len(text) else [])
+class RowSink:
+    """One row (choice) of a request on the event loop: its tokens in (per step from the decode thread, or all at
+    once with the row's result), its text pieces and finish reason out. Wakes the request's handler."""
+
+    def __init__(self, loop, text: TextStream, eos: set[int], max_tokens: int, wake: asyncio.Event):
+        self.loop, self.text, self.eos, self.max_tokens, self.wake = loop, text, eos, max_tokens, wake
+        self.row: Row | None = None
+        self.pieces: list[str] = []   # released text not yet sent
+        self.output = ""              # all released text
+        self.reason: str | None = None  # finish_reason once the row is complete
+        self.error: BaseException | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Completion tokens counted for usage: up to the end of the text (the stop string's last token)."""
+        return len(self.text.ids)
+
+    def push(self, ids: list[int], eos: bool | None = None) -> None:
+        if self.reason is not None or self.error is not None or not ids:
+            return
+        piece = self.text.add(ids)
+        hit_eos = ids[-1] in self.eos if eos is None else eos
+        if self.text.stopped:
+            self.reason = "stop"
+            self.row.cancelled.set()  # the rest of the row is not needed: the engine drops it at the next step
+        elif hit_eos or len(self.text.ids) >= self.max_tokens:
+            self.reason = "stop" if hit_eos else "length"
+            piece += self.text.close()
+        self._emit(piece)
+
+    def complete(self, future) -> None:
+        """The row's result (its batch ended): the tokens not yet pushed, then the end of the text."""
+        if future.cancelled() or self.reason is not None or self.error is not None:
+            return
+        if future.exception() is not None:
+            self.error = future.exception()
+            self.wake.set()
+            return
+        res: RowResult = future.result()
+        self.push(res.token_ids[len(self.text.ids):], eos=res.hit_eos)
+        if self.reason is None:  # cut short (cancelled) or no new token: end here
+            self.reason = "stop" if res.hit_eos else "length"
+            self._emit(self.text.close())
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            self.output += piece
+        self.wake.set()
+
+    def take(self) -> list[str]:
+        pieces, self.pieces = self.pieces, []
+        return pieces
 
 
-async def wait_rows(request: Request, futures: list, metrics: Metrics) -> list[RowResult]:
-    """Wait for the rows; if the client goes away first, cancel them (queued rows never reach the model)."""
-    waiter = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-    try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=0.1)
-            if done:
-                return waiter.result()
+class Call:
+    """A request's rows and their sinks on the event loop; `cancel` when the client leaves."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.rows: list[Row] = []
+        self.sinks: list[RowSink] = []
+        self.wake = asyncio.Event()
+
+    def add(self, row: Row, sink: RowSink) -> None:
+        sink.row = row
+        self.rows.append(row)
+        self.sinks.append(sink)
+        row.future.add_done_callback(lambda f: _on_loop(sink.loop, sink.complete, f))
+
+    def done(self) -> bool:
+        return all(s.reason is not None or s.error is not None for s in self.sinks)
+
+    def failed(self) -> BaseException | None:
+        return next((s.error for s in self.sinks if s.error is not None), None)
+
+    async def wait(self, request: Request, timeout: float = 0.1) -> None:
+        """Until something arrived since `wake` was last cleared (the caller clears it before it looks at the sinks,
+        so nothing delivered while it was busy is missed); ClientGone if the client disconnected meanwhile."""
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.TimeoutError:
             if await request.is_disconnected():
-                raise ClientGone()
-    except (ClientGone, asyncio.CancelledError):
-        for f in futures:
-            f.cancel()
-        waiter.cancel()
-        metrics.inc("rlprefix_rows_cancelled_total", len(futures))
-        raise
+                raise ClientGone() from None
+
+    def cancel(self, client_left: bool = True) -> None:
+        """Queued rows never reach the model, rows being decoded stop at the next step (the client left, or a row
+        of the request failed)."""
+        left = [r for r, s in zip(self.rows, self.sinks) if s.reason is None and s.error is None]
+        for r in self.rows:
+            r.future.cancel()
+            r.cancelled.set()
+        if left and client_left:
+            self.metrics.inc("rlprefix_rows_cancelled_total", len(left))
+            self.metrics.inc("rlprefix_requests_cancelled_total")
+
+
+def _on_loop(loop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the server is shutting down
+        pass
 
 
 # ---------------------------------------------------------------- the HTTP app
@@ -324,21 +533,30 @@ def _model_card(server: Server, e: ServedPrefix) -> dict:
 async def _generate(server: Server, request: Request, req, entry: ServedPrefix, prompts, max_tokens, field, chat):
     start, stops = time.perf_counter(), req.stops()
     max_tokens = server.check_context(entry, prompts, max_tokens, field)
-    futures = server.submit(entry, prompts, req, max_tokens)
-    endpoint = request.url.path
+    call = server.submit(entry, prompts, req, max_tokens, stops)
+    prompt_tokens = sum(len(p) for p in prompts) * req.n
     if req.stream:
-        body = _stream(server, request, req, entry, futures, stops, chat, start)
+        body = _stream(server, request, req, entry, call, prompt_tokens, chat, start)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        results = await wait_rows(request, futures, server.metrics)
-    except ClientGone:
-        return Response(status_code=499)
-    choices = [finish(r, stops) for r in results]
-    done = sum(len(r.token_ids) for r in results)
-    _record(server, endpoint, entry.name, done, start)
+        while True:
+            call.wake.clear()
+            if call.done():
+                break
+            await call.wait(request)
+    except (ClientGone, asyncio.CancelledError) as e:
+        call.cancel()
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)
+        raise
+    if call.failed() is not None:
+        call.cancel(client_left=False)
+        raise call.failed()
+    tokens = sum(s.tokens for s in call.sinks)
+    _record(server, request.url.path, entry.name, tokens, start)
     build = chat_response if chat else completion_response
-    return build(new_id("chatcmpl" if chat else "cmpl"), entry.name, choices,
-                 usage(sum(len(p) for p in prompts) * req.n, done))
+    return build(new_id("chatcmpl" if chat else "cmpl"), entry.name, [(s.output, s.reason) for s in call.sinks],
+                 usage(prompt_tokens, tokens))
 
 
 def _record(server: Server, endpoint: str, model: str, tokens: int, start: float) -> None:
@@ -348,34 +566,53 @@ def _record(server: Server, endpoint: str, model: str, tokens: int, start: float
     m.observe("rlprefix_request_latency_seconds", time.perf_counter() - start)
 
 
-async def _stream(server: Server, request: Request, req, entry: ServedPrefix, futures, stops, chat, start):
-    """SSE: each choice's text in token-aligned chunks once its decode batch is done, then [DONE].
+async def _stream(server: Server, request: Request, req, entry: ServedPrefix, call: Call, prompt_tokens: int, chat,
+                  start):
+    """SSE: each choice's new text as its tokens are decoded (OpenAI chunks carrying the choice index), a last
+    chunk per choice with its finish_reason, optionally a usage chunk, then [DONE]. If the client goes away, its
+    rows are cancelled: queued ones never run, decoding ones stop at the next step."""
+    rid, name = new_id("chatcmpl" if chat else "cmpl"), entry.name
+    finished = [False] * len(call.sinks)
 
-    (Chunks arrive per decode batch, not per decode step: token-level streaming needs a per-step hook in
-    `engine.sample`, which has none yet.)
-    """
-    rid = new_id("chatcmpl" if chat else "cmpl")
+    def chunk(index: int, text: str | None, reason: str | None = None) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return sse(chat_chunk(rid, name, index, delta, reason))
+        return sse(completion_chunk(rid, name, index, text or "", reason))
+
     try:
-        results = await wait_rows(request, futures, server.metrics)
-    except ClientGone:
-        return
-    sent = False
-    try:
-        for index, res in enumerate(results):
-            text, reason = finish(res, stops)
-            if chat:
-                yield sse(chat_chunk(rid, entry.name, index, {"role": "assistant", "content": ""}, None))
-            for piece in text_pieces(server.tok, res.token_ids, text):
-                yield sse(chat_chunk(rid, entry.name, index, {"content": piece}, None) if chat
-                          else completion_chunk(rid, entry.name, index, piece, None))
-            yield sse(chat_chunk(rid, entry.name, index, {}, reason) if chat
-                      else completion_chunk(rid, entry.name, index, "", reason))
+        if chat:
+            for index in range(len(call.sinks)):
+                yield chunk(index, None)
+        while True:
+            call.wake.clear()  # before looking: whatever arrives while chunks are sent wakes the wait below at once
+            for index, sink in enumerate(call.sinks):
+                if finished[index]:
+                    continue
+                for piece in sink.take():
+                    yield chunk(index, piece)
+                if sink.error is not None:
+                    err = f"internal error: {type(sink.error).__name__}: {sink.error}"
+                    yield sse(APIError(500, err, type="server_error").body())
+                    call.cancel(client_left=False)
+                    finished = [True] * len(call.sinks)
+                    return
+                if sink.reason is not None:
+                    yield chunk(index, "", sink.reason)
+                    finished[index] = True
+            if all(finished):
+                break
+            await call.wait(request)
+        tokens = sum(s.tokens for s in call.sinks)
+        if req.include_usage():
+            yield sse(usage_chunk(rid, name, chat, usage(prompt_tokens, tokens)))
         yield sse("[DONE]")
-        sent = True
+        _record(server, request.url.path, name, tokens, start)
+    except ClientGone:
+        pass
     finally:
-        if not sent:  # the client left while the reply was being written
-            server.metrics.inc("rlprefix_rows_cancelled_total", len(futures))
-    _record(server, request.url.path, entry.name, sum(len(r.token_ids) for r in results), start)
+        if not all(finished):  # the client left (or the reply failed) before every choice was complete
+            call.cancel()
 
 
 def serve_main(args) -> int:

@@ -236,3 +236,71 @@ def test_cuda_graph_path_bookkeeping_on_cpu(tokenizer, monkeypatch):
         assert (plain.logprobs - bucketed.logprobs).abs().max() < 1e-5
         assert (plain.hidden - bucketed.hidden).abs().max() < 1e-5
     assert list(eng._CACHES[model]) == [(4, 64)]
+
+
+def test_step_hook_sees_each_token_and_can_stop_rows(tokenizer):
+    """on_step sees every step's tokens as they are chosen; rows it stops get no more tokens (mask 0), the other rows'
+    tokens and log-probs are those of a run without the hook, also after the stopped rows left the batch (eager path)
+    and with ensembles; a hook that stops nothing changes nothing."""
+    model = tiny_model("llama", sharpen=3.0)
+    pa, pb = prefix_of(model, 3, 16), prefix_of(model, 6, 17)
+    bank = PrefixBank(model, [pa, pb])
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    kw = dict(bank=bank, prefix_index=torch.tensor([0, 1, -1, 1]), row_seeds=[21, 22, 23, 24], max_new_tokens=14,
+              temperature=1.2, return_hidden=True, stop_check_every=5)
+    plain = sample(model, tokenizer, ids, mask, **kw)
+    assert (plain.completion_mask.sum(1) > 8).all()  # long enough for the stops below to cut something
+
+    seen = []
+    quiet = sample(model, tokenizer, ids, mask, **kw,
+                   on_step=lambda t, tok, alive: seen.append((tok.tolist(), alive.tolist())))
+    assert torch.equal(quiet.completion_ids, plain.completion_ids) and torch.equal(quiet.logprobs, plain.logprobs)
+    assert [s[0] for s in seen] == plain.completion_ids.T.tolist()[:len(seen)]
+    assert [s[1] for s in seen] == plain.completion_mask.T.tolist()[:len(seen)]
+
+    stop_at = {1: 2, 3: 5}  # row -> the step after which it is stopped
+
+    def hook(t, tok, alive):
+        rows = [stop_at.get(b) == t for b in range(len(PROMPTS))]
+        return rows if any(rows) else None
+
+    cut = sample(model, tokenizer, ids, mask, on_step=hook, **kw)
+    for b in range(len(PROMPTS)):
+        n = int(plain.completion_mask[b].sum())
+        if b in stop_at:
+            n = stop_at[b] + 1
+            assert cut.completion_mask[b, n:].sum() == 0
+        assert int(cut.completion_mask[b].sum()) == n
+        assert torch.equal(cut.completion_ids[b, :n], plain.completion_ids[b, :n])
+        assert (cut.logprobs[b, :n] - plain.logprobs[b, :n]).abs().max() < 1e-5
+        assert (cut.hidden[b, :n] - plain.hidden[b, :n]).abs().max() < 1e-5
+
+    calls = []
+    stop_all = sample(model, tokenizer, ids, mask, on_step=lambda t, tok, alive: calls.append(t) or [True] * 4, **kw)
+    assert calls == [0] and stop_all.completion_ids.shape[1] == 1  # everything stopped: the loop ends at once
+
+    ens = dict(bank=PrefixBank(model, [pa, pa]), prefix_index=torch.tensor([0, 1] * 4), groups=2,
+               row_seeds=[1, 2, 3, 4], max_new_tokens=10)
+    ids2, mask2 = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    a = sample(model, tokenizer, ids2, mask2, **ens)
+    b = sample(model, tokenizer, ids2, mask2, **ens,
+               on_step=lambda t, tok, alive: [False, True, False, False] if t == 1 else None)
+    keep = [0, 2, 3]
+    assert torch.equal(a.completion_ids[keep], b.completion_ids[keep]) and b.completion_mask[1].sum() == 2
+    with pytest.raises(ValueError, match="rows to stop"):
+        sample(model, tokenizer, ids, mask, on_step=lambda t, tok, alive: [True], **kw)
+
+
+def test_step_hook_on_the_cuda_graph_path_on_cpu(tokenizer, monkeypatch):
+    """Under the compiled path (bucketed batch, eager step swapped in) stopped rows idle in their lanes: the same
+    result as the eager path with the same hook."""
+    import rlprefix.engine as eng
+
+    model = tiny_model("llama", sharpen=3.0)
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:3])
+    kw = dict(row_seeds=[4, 5, 6], max_new_tokens=9, on_step=lambda t, tok, alive: [t == 2, False, False])
+    plain = sample(model, tokenizer, ids, mask, compile=False, **kw)
+    monkeypatch.setattr(eng, "compiled_step", lambda m: eng.model_step)
+    bucketed = sample(model, tokenizer, ids, mask, compile=True, **kw)
+    assert torch.equal(plain.completion_ids, bucketed.completion_ids)
+    assert torch.equal(plain.completion_mask, bucketed.completion_mask) and plain.completion_mask[0].sum() == 3

@@ -167,15 +167,47 @@ def test_n_choices_use_consecutive_seeds(served):
 
 
 def test_streaming_yields_the_same_text(served):
+    """Streams arrive token by token (several content chunks) and join to the reply's text for the same seed."""
     kw = dict(model="gamma", max_tokens=14, seed=9, temperature=0.9)
     plain = served.client.completions.create(prompt=PROMPTS[3], **kw).choices[0].text
     chunks = list(served.client.completions.create(prompt=PROMPTS[3], stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == plain
+    assert len([c for c in chunks if c.choices[0].text]) > 1
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     msgs = [{"role": "user", "content": PROMPTS[3]}]
     plain = served.client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
-    stream = served.client.chat.completions.create(messages=msgs, stream=True, **kw)
+    stream = list(served.client.chat.completions.create(messages=msgs, stream=True, **kw))
     assert "".join(c.choices[0].delta.content or "" for c in stream) == plain
+    assert len([c for c in stream if c.choices[0].delta.content]) > 1 and stream[0].choices[0].delta.role == "assistant"
+
+
+def test_streaming_n_choices_carry_their_index_and_usage(served):
+    kw = dict(model="alpha", prompt=PROMPTS[2], max_tokens=10, seed=21, temperature=1.0, n=3)
+    plain = [c.text for c in served.client.completions.create(**kw).choices]
+    texts, reasons, use = ["", "", ""], [None] * 3, None
+    for c in served.client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if c.usage is not None:
+            assert not c.choices
+            use = c.usage
+            continue
+        texts[c.choices[0].index] += c.choices[0].text
+        reasons[c.choices[0].index] = reasons[c.choices[0].index] or c.choices[0].finish_reason
+    assert texts == plain and None not in reasons
+    assert use is not None and 3 <= use.completion_tokens <= 30
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed(served):
+    kw = dict(model="beta", prompt=PROMPTS[0], max_tokens=24, seed=3, temperature=1.0)
+    full = served.client.completions.create(**kw).choices[0].text
+    assert len(full) > 12
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # cut in the middle of the text
+    want = full[:full.find(stop)]
+    plain = served.client.completions.create(stop=[stop, "\x00never"], **kw).choices[0]
+    assert plain.text == want and plain.finish_reason == "stop"
+    chunks = list(served.client.completions.create(stop=[stop, "\x00never"], stream=True, **kw))
+    pieces = [c.choices[0].text for c in chunks]
+    assert "".join(pieces) == want and chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(stop in p for p in pieces)
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -234,6 +266,34 @@ def test_client_disconnect_frees_its_slot(served):
         assert _metric(served, "rlprefix_batch_rows_sum") == decoded + 5
 
 
+def test_client_leaving_mid_stream_stops_its_decode(served):
+    """A raw-HTTP client reads the first chunk and hangs up: its row is cancelled mid-decode (fewer tokens decoded
+    than the reply it would have got, which runs to max_tokens), it leaves the rows being decoded, and the server
+    serves the next request."""
+    kw = dict(model="alpha", prompt="hello", max_tokens=230, temperature=1.0)
+    seed = next(s for s in range(40) if served.post("/v1/completions", {**kw, "seed": s})[1]["usage"]["completion_tokens"]
+                == kw["max_tokens"])  # this seed runs to max_tokens when nobody leaves
+    names = ("rlprefix_requests_cancelled_total", "rlprefix_rows_cancelled_total", "rlprefix_decoded_tokens_total")
+    before = {n: _metric(served, n) for n in names}
+    body = json.dumps({**kw, "seed": seed, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while b"data: " not in got:
+            got += s.recv(4096)
+        assert b"200 OK" in got
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (_metric(served, "rlprefix_requests_cancelled_total") == before[names[0]]
+                                           or _metric(served, "rlprefix_decoded_tokens_total") == before[names[2]]):
+        time.sleep(0.05)
+    after = {n: _metric(served, n) for n in names}
+    assert after[names[0]] == before[names[0]] + 1 and after[names[1]] == before[names[1]] + 1
+    assert 1 <= after[names[2]] - before[names[2]] < kw["max_tokens"]
+    assert _metric(served, "rlprefix_decode_rows") == 0
+    assert served.client.completions.create(model="alpha", prompt="hi", max_tokens=3).choices  # still serving
+
+
 def test_reload_and_first_use_pick_up_new_prefixes(served):
     spec = kv_spec(served.model)
     served.prefixes["epsilon"] = _prefix(spec, 4, 5)
@@ -280,6 +340,37 @@ def test_bank_cache_reuses_a_bank_per_set_of_prefixes():
     assert banks.lookup([row("base")])[0] is None
     kvs["a"] = kvs["a"].clone()  # a reload replaced "a" while rows were queued
     assert banks.lookup([row("a"), row("b")])[0] is not bank
+
+
+def test_text_stream_detokenises_incrementally_and_holds_back_stop_strings():
+    """Token by token or all at once, the same text: multi-byte characters split over byte tokens come out whole
+    (an incomplete trailing character is held back), a tail that may start a stop string waits, and the text ends
+    before the first stop string to be completed. Random token runs (invalid UTF-8 included) as well."""
+    import random
+
+    from rlprefix.serve import TextStream
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ts = TextStream(tok, [])
+    ids = tok("a\U0001F600b", add_special_tokens=False)["input_ids"]
+    pieces = [ts.add([i]) for i in ids] + [ts.close()]
+    assert "".join(pieces) == "a\U0001F600b" and "\U0001F600" in pieces and not any("\ufffd" in p for p in pieces)
+    ts = TextStream(tok, ["great\n"])
+    ids = tok("good great great\nend", add_special_tokens=False)["input_ids"]
+    pieces = [ts.add([i]) for i in ids] + [ts.close()]
+    assert "".join(pieces) == "good great " and ts.stopped
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(320) for _ in range(rng.randrange(1, 25))]
+        stops = rng.choice([[], ["e"], ["th", "\ufffd"], ["an", "re", "ll"], ["abcd", "c"]])
+        whole = TextStream(tok, stops)
+        one = TextStream(tok, stops)
+        text = whole.add(ids) + whole.close()
+        assert "".join([one.add([i]) for i in ids] + [one.close()]) == text
+        assert not any(s in text for s in stops)
+        if not stops:
+            assert text == tok.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
