@@ -15,7 +15,7 @@ import torch
 from common import ROOT, md_table, write_result
 from rewards import build_reward
 from rlprefix import compress, evaluate_reward, load_model, load_prefix
-from rlprefix.lowrank import next_token_kl
+from rlprefix.stages.compress import next_token_kl
 
 
 def main():

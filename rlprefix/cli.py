@@ -97,7 +97,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .lowrank import compress, compress_to_budget, fidelity_report
+    from .lowrank import compress
+    from .stages.compress import compress_to_budget, fidelity_report
     from .artifacts import load_prefix
     from .io import check_artifact_target
     from .modeling import load_model

@@ -17,7 +17,6 @@ import torch
 
 from rewards import Scorer, build_reward
 
-from . import rl, warmstart
 from .artifacts import load_prefix
 from .config import RunConfig, dump_config, stage_config
 from .distributed import Dist
@@ -26,13 +25,15 @@ from .guards import assert_finite
 from .evaluate import evaluate_reward
 from .io import atomic_write_json, atomic_write_text, read_json, recover_artifact_dir
 from .lock import OutputLock
-from .lowrank import compress, compress_to_budget, fidelity_report
+from .lowrank import compress
 from .modeling import load_model
 from .peft_export import export_peft
 from .preflight import preflight
 from .prefix import Prefix
-from .rl import PPOConfig
-from .warmstart import WarmStartConfig
+from .stages import ppo as ppo_stage, warm_start as warm_start_stage
+from .stages.compress import compress_to_budget, fidelity_report
+from .stages.ppo import PPOConfig
+from .stages.warm_start import WarmStartConfig
 
 CONFIG_HEADER = "# written by `rlprefix run`: the configuration of the run in this directory\n"
 
@@ -204,7 +205,7 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
             t = time.perf_counter()
             ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
             ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
-            res = warmstart.warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg,
+            res = warm_start_stage.warm_start(model, tok, prefix, cfg.warm_start.data, ws_cfg,
                                        eval_dataset=cfg.warm_start.eval_data, output_dir=out / "warm_start",
                                        dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix
@@ -233,7 +234,7 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
         marker = stages.done("ppo", ppo_key)
         if marker is None:
             t = time.perf_counter()
-            res = rl.ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, eval_prompts=eval_prompts,
+            res = ppo_stage.ppo(model, tok, prefix, cfg.ppo.prompts, raw_reward, ppo_cfg, eval_prompts=eval_prompts,
                       output_dir=out / "ppo", dist=dist, tensorboard=cfg.logging.tensorboard)
             prefix = res.prefix.merge(model) if res.prefix.kind != "kv" else res.prefix
             assert_finite("PPO prefix", res.steps_done, prefix.key_values(model))

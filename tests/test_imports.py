@@ -6,18 +6,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("rlprefix", "rewards")
-MODULES = sorted(f"{pkg}.{p.stem}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py") if p.stem != "__init__")
+TOP = ("rlprefix", "rewards")
+PACKAGES = sorted(".".join(p.parent.relative_to(ROOT).parts) for top in TOP for p in (ROOT / top).rglob("__init__.py"))
+MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for top in TOP for p in (ROOT / top).rglob("*.py")
+                 if p.stem != "__init__")
 
 
 def _imports(package: str, body) -> set[str]:
-    """Modules (or packages: `from . import x` with x a name in __init__) of ours that `body` imports."""
+    """Modules (or packages: `from . import x` with x a name in __init__) of ours that `body` imports;
+    `package` is the package relative imports start from."""
     found = set()
     for node in body:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in MODULES or a.name in PACKAGES}
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(filter(None, [package if node.level else "", node.module]))
+            anchor = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            base = ".".join(filter(None, [anchor, node.module]))
             if base in MODULES:
                 found.add(base)
             elif base in PACKAGES:
@@ -26,10 +30,10 @@ def _imports(package: str, body) -> set[str]:
 
 
 def module_graph() -> dict[str, set[str]]:
-    graph = {pkg: _imports(pkg, ast.parse((ROOT / pkg / "__init__.py").read_text()).body) for pkg in PACKAGES}
+    graph = {pkg: _imports(pkg, ast.parse((ROOT / pkg.replace(".", "/") / "__init__.py").read_text()).body) - {pkg}
+             for pkg in PACKAGES}
     for m in MODULES:
-        pkg, name = m.split(".")
-        graph[m] = _imports(pkg, ast.parse((ROOT / pkg / f"{name}.py").read_text()).body) - {m}
+        graph[m] = _imports(m.rpartition(".")[0], ast.parse((ROOT / f"{m.replace('.', '/')}.py").read_text()).body) - {m}
     return graph
 
 

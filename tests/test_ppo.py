@@ -5,7 +5,7 @@ import torch
 from rewards import RewardError
 from rlprefix import Prefix
 from rlprefix.generation import encode_prompts, sample
-from rlprefix.rl import PPOConfig, gae, group_advantages, ppo
+from rlprefix.stages.ppo import PPOConfig, gae, group_advantages, ppo
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello world", "a calm park with friendly people", "review film", "the food"] * 4

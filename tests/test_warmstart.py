@@ -6,7 +6,7 @@ import torch
 
 from rlprefix import Prefix
 from rlprefix.data import collate_sft, load_records, tokenize_sft
-from rlprefix.warmstart import WarmStartConfig, evaluate_loss, warm_start
+from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, warm_start
 from tiny import tiny_model, tiny_tokenizer
 
 DATA = [{"prompt": f"review {w}", "completion": f"{w} is good great love"} for w in
@@ -62,7 +62,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     full = warm_start(model, tok, fresh(), DATA, config, output_dir=tmp_path / "a")
 
-    import rlprefix.warmstart as ws
+    import rlprefix.stages.warm_start as ws
 
     real, calls = ws.completion_nll, {"n": 0}
 

@@ -35,18 +35,18 @@ from tqdm.auto import tqdm
 
 from rewards import Scorer
 
-from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
+from ..checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
-from .data import load_records, require_columns
-from .distributed import Dist
-from .evaluate import evaluate_reward
-from . import engine
-from .generation import Rollout, encode_prompts
-from .guards import assert_finite
-from .metrics import MetricLogger, plot_metrics
-from .prefix import Prefix
-from .runtime import entropy_of, score_completions
-from .settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
+from ..data import load_records, require_columns
+from ..distributed import Dist
+from ..evaluate import evaluate_reward
+from .. import engine
+from ..generation import Rollout, encode_prompts
+from ..guards import assert_finite
+from ..metrics import MetricLogger, plot_metrics
+from ..prefix import Prefix
+from ..runtime import entropy_of, score_completions
+from ..settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
                        setting)
 
 ADVANTAGES = ("rloo", "grpo", "gae")
@@ -61,7 +61,7 @@ class PPOConfig(Settings):
     minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
     epochs: int = setting(1, "passes over each rollout batch", POSITIVE)
     lr: float = setting(3e-3, "prefix learning rate (Adam)", POSITIVE)
-    advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.rl)")  # checked with group_size below
+    advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.stages.ppo)")  # checked with group_size below
     value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
     max_new_tokens: int = setting(40, "tokens sampled per completion", POSITIVE)
     min_new_tokens: int = setting(0, "no end-of-sequence before this many tokens", NONNEG)

@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
+from ..checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
-from .data import SFTExample, collate_sft, load_records, tokenize_sft
-from .distributed import Dist
-from .guards import assert_finite
-from .metrics import MetricLogger, plot_metrics
-from .prefix import Prefix
-from .runtime import forward
-from .schedule import lr_at
-from .settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
+from ..data import SFTExample, collate_sft, load_records, tokenize_sft
+from ..distributed import Dist
+from ..guards import assert_finite
+from ..metrics import MetricLogger, plot_metrics
+from ..prefix import Prefix
+from ..runtime import forward
+from ..schedule import lr_at
+from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
 
 
 @dataclass
