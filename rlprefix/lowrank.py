@@ -25,7 +25,8 @@ from torch import nn
 
 from .artifacts import register_kind, save_prefix
 from .modeling import KVSpec, resolve_dtype
-from .prefix import Prefix, text_kv
+from .prefix import Prefix
+from .runtime import text_kv
 
 Scope = Literal["matrix", "shared", "whole"]
 SCOPES = ("matrix", "shared", "whole")
