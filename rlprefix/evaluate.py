@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rewards import Scorer
-
 from .data import load_records, require_columns
 from .engine import PrefixBank, sample
 from .generation import encode_prompts
 from .runtime import score_completions
+from .scorer import Scorer
 
 
 @dataclass

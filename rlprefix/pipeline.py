@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rewards import Scorer, build_reward
+from rewards import build_reward
 
 from .artifacts import load_prefix
 from .config import RunConfig, dump_config, stage_config
@@ -30,6 +30,7 @@ from .modeling import load_model
 from .peft_export import export_peft
 from .preflight import preflight
 from .prefix import Prefix
+from .scorer import Scorer
 from .stages import ppo as ppo_stage, warm_start as warm_start_stage
 from .stages.compress import compress_to_budget, fidelity_report
 from .stages.ppo import PPOConfig

@@ -55,6 +55,13 @@ def test_no_import_cycles():
         visit(m)
 
 
+def test_rewards_do_not_import_rlprefix():
+    """`rewards` is usable on its own (e.g. handed to TRL); rlprefix builds on it, never the other way."""
+    graph = module_graph()
+    for m in (n for n in graph if n.split(".")[0] == "rewards"):
+        assert not {d for d in graph[m] if d.split(".")[0] == "rlprefix"}, m
+
+
 def test_every_module_imports_on_its_own():
     """`python -c "import rlprefix.<m>"` for each module; heavy third-party modules stay loaded between them."""
     script = ("import importlib, sys\n"

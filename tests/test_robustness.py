@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rlprefix.io as rio
-from rewards import Composite, RewardError, Scorer
+from rewards import Composite, RewardError
 from rlprefix import ArtifactError, Prefix, load_prefix
 from rlprefix.cli import main
 from rlprefix.checkpoint import load_checkpoint, save_checkpoint
@@ -20,6 +20,7 @@ from rlprefix.evaluate import evaluate_reward
 from rlprefix.guards import NonFiniteError, assert_finite
 from rlprefix.lock import OutputLock
 from rlprefix.peft_export import export_peft
+from rlprefix.scorer import Scorer
 from rlprefix.stages.warm_start import WarmStartConfig, warm_start
 from test_config import REVIEWS, tiny_run_config, write_jsonl
 from tiny import tiny_model, tiny_tokenizer

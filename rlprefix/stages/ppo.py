@@ -33,8 +33,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rewards import Scorer
-
 from ..checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
                          module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
 from ..data import load_records, require_columns
@@ -46,6 +44,7 @@ from ..guards import assert_finite
 from ..metrics import MetricLogger, plot_metrics
 from ..prefix import Prefix
 from ..runtime import entropy_of, score_completions
+from ..scorer import Scorer
 from ..settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
                        setting)
 
