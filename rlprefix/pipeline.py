@@ -31,6 +31,7 @@ from .peft_export import export_peft
 from .preflight import preflight
 from .prefix import Prefix
 from .scorer import Scorer
+from .seeds import derive_seed
 from .stages import ppo as ppo_stage, warm_start as warm_start_stage
 from .stages.compress import compress_to_budget, fidelity_report
 from .stages.ppo import PPOConfig
@@ -165,7 +166,7 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
     reward_names = [c.get("name") for c in cfg.reward.get("components", [])] or [cfg.reward["name"]]
     ppo_cfg: PPOConfig = stage_config(cfg.ppo, PPOConfig)
     ppo_cfg.progress = cfg.logging.progress and cfg.ppo.progress
-    eval_kw = dict(chat=ppo_cfg.chat, system=ppo_cfg.system, seed=cfg.seed + 12345,
+    eval_kw = dict(chat=ppo_cfg.chat, system=ppo_cfg.system, seed=derive_seed("run/eval", cfg.seed),
                    max_new_tokens=ppo_cfg.eval_max_new_tokens or ppo_cfg.max_new_tokens,
                    temperature=ppo_cfg.temperature, samples_per_prompt=cfg.ppo.eval_samples_per_prompt)
 

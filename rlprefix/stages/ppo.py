@@ -45,6 +45,7 @@ from ..metrics import MetricLogger, plot_metrics
 from ..prefix import Prefix
 from ..runtime import entropy_of, score_completions
 from ..scorer import Scorer
+from ..seeds import derive_seed
 from ..settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
                        setting)
 
@@ -147,12 +148,6 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n / self.horizon
 
 
-def _row_seed(seed: int, step: int, row: int) -> int:
-    """A seed for one global batch row at one step: rollouts do not depend on how rows are split over
-    processes, and resuming needs no RNG state for sampling."""
-    return (seed * 1_000_003 + step) * 1_000_033 + row
-
-
 # ---- advantage estimators ------------------------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over completion tokens; positions past the end are masked."""
@@ -212,13 +207,16 @@ class BatchShard:
         """Dataset rows for this process's completions at `step` (a seeded permutation per pass over the data)."""
         cfg = self.cfg
         epoch, slot = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        gen = torch.Generator().manual_seed(derive_seed("ppo/prompts", cfg.seed, epoch))
+        order = torch.randperm(self.n_prompts, generator=gen)
         prompts = [int(order[(slot * self.prompts_per_step + i) % self.n_prompts]) for i in range(self.prompts_per_step)]
         rows = [p for p in prompts for _ in range(cfg.group_size)]
         return rows[self.first:self.first + self.local]
 
     def row_seeds(self, step: int) -> list[int]:
-        return [_row_seed(self.cfg.seed, step, self.first + i) for i in range(self.local)]
+        """A sampling seed per global row and step: rollouts do not depend on how rows are split over
+        processes, and resuming needs no RNG state for sampling."""
+        return [derive_seed("ppo/row", self.cfg.seed, step, self.first + i) for i in range(self.local)]
 
     def minibatches(self, step: int, epoch: int):
         """Local row indices of each minibatch of one permutation of the *global* batch (the same on every
@@ -227,7 +225,7 @@ class BatchShard:
         When a minibatch holds whole groups, whole groups are shuffled, so a minibatch's rows share prompts
         and the training forward runs each prompt once (`score_completions(share_prompts=True)`)."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(_row_seed(cfg.seed, step, 10_000_019 + epoch))
+        gen = torch.Generator().manual_seed(derive_seed("ppo/minibatches", cfg.seed, step, epoch))
         k = cfg.group_size if cfg.minibatch_size % cfg.group_size == 0 else 1
         groups = torch.randperm(cfg.batch_size // k, generator=gen)
         perm = (groups.unsqueeze(1) * k + torch.arange(k)).flatten()

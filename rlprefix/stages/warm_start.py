@@ -27,6 +27,7 @@ from ..metrics import MetricLogger, plot_metrics
 from ..prefix import Prefix
 from ..runtime import forward
 from ..schedule import lr_at
+from ..seeds import derive_seed
 from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
 
 
@@ -126,7 +127,7 @@ def _config_hash(config: WarmStartConfig, prefix: Prefix, train: list[SFTExample
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed("warm_start/order", seed, epoch))
     return torch.randperm(n, generator=g).tolist()
 
 
