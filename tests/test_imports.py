@@ -33,7 +33,8 @@ def module_graph() -> dict[str, set[str]]:
     graph = {pkg: _imports(pkg, ast.parse((ROOT / pkg.replace(".", "/") / "__init__.py").read_text()).body) - {pkg}
              for pkg in PACKAGES}
     for m in MODULES:
-        graph[m] = _imports(m.rpartition(".")[0], ast.parse((ROOT / f"{m.replace('.', '/')}.py").read_text()).body) - {m}
+        body = ast.parse((ROOT / f"{m.replace('.', '/')}.py").read_text()).body
+        graph[m] = _imports(m.rpartition(".")[0], body) - {m}
     return graph
 
 

@@ -7,28 +7,24 @@ periodic eval (loss, perplexity), early stopping, and checkpoints that resume bi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
-                         module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
 from ..data import SFTExample, collate_sft, load_records, tokenize_sft
 from ..distributed import Dist
 from ..guards import assert_finite
-from ..metrics import MetricLogger, plot_metrics
 from ..prefix import Prefix
 from ..runtime import forward
 from ..schedule import lr_at
 from ..seeds import derive_seed
 from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
+from ..stage_run import Laps, StageRun, config_hash
 
 
 @dataclass
@@ -114,16 +110,13 @@ def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_
     return total / max(count, 1)
 
 
-def _config_hash(config: WarmStartConfig, prefix: Prefix, train: list[SFTExample]) -> str:
-    """What a checkpoint is only valid for: the settings, the starting prefix and the training data content."""
-    h = hashlib.sha256(json.dumps({**asdict(config), "progress": None, "prefix": prefix.config_dict(),
-                                   "n": len(train)}, sort_keys=True, default=str).encode())
+def _content(train: list[SFTExample], prefix: Prefix):
+    """The bytes a warm-start checkpoint depends on beyond its settings: the training data, the starting prefix."""
     for ex in train:
-        h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+        yield json.dumps([ex.input_ids, ex.labels]).encode()
     for name, t in sorted(prefix.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        yield name.encode()
+        yield t.detach().float().cpu().numpy().tobytes()
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -131,21 +124,65 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfig | None = None, *,
-               eval_dataset=None, output_dir: str | Path | None = None, resume: bool = True,
-               dist=None, tensorboard: bool = True) -> WarmStartResult:
-    """Train `prefix` (in place) on `dataset` rows of prompt/completion (or chat messages); see WarmStartConfig.
+@dataclass
+class _Data:
+    """The tokenised training and held-out examples, and how training walks them."""
+    train: list[SFTExample]
+    evals: list[SFTExample]
+    pad_id: int
+    cfg: WarmStartConfig
 
-    With `dist` (several processes), each micro-batch is split across processes, the loss is normalised by the
-    micro-batches' global token count and gradients are summed: the same update as one process.
-    """
-    cfg = config or WarmStartConfig()
-    cfg.validate()  # again: fields may have been changed since construction
-    dist = dist or Dist()
-    is_main = dist.is_main
+    @property
+    def micro_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.train) / self.cfg.batch_size))
+
+    def batches(self, step: int, dist) -> tuple[list[dict], int, float]:
+        """Step `step`'s micro-batches (this process's share of each), the completion tokens of all of them (the
+        loss is normalised by the global count) and the epoch reached. Micro-batch m of the global stream is a
+        slice of epoch m // micro_per_epoch's order, so the batches depend only on the step."""
+        cfg, per_epoch = self.cfg, self.micro_per_epoch
+        micro = [step * cfg.grad_accum + j for j in range(cfg.grad_accum)]
+        batches = []
+        for m in micro:
+            order = _epoch_order(len(self.train), cfg.seed, m // per_epoch)
+            start = (m % per_epoch) * cfg.batch_size
+            batches.append(collate_sft([self.train[i] for i in order[start:start + cfg.batch_size]], self.pad_id))
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if dist.world_size > 1:
+            batches = [{k: v[dist.rank::dist.world_size] for k, v in b.items()} for b in batches]
+        return batches, n_tokens, micro[-1] / per_epoch
+
+
+class _Best:
+    """The best prefix so far by held-out loss, and early stopping; a checkpoint holds both."""
+
+    def __init__(self, prefix: Prefix, patience: int | None):
+        self.prefix, self.patience = prefix, patience
+        self.loss, self.step, self.evals_since, self.stopped = math.inf, 0, 0, False
+        self.weights = {k: v.detach().clone() for k, v in prefix.state_dict().items()}
+
+    def update(self, step: int, eval_loss: float) -> None:
+        if eval_loss < self.loss:
+            self.loss, self.step, self.evals_since = eval_loss, step, 0
+            self.weights = {k: v.detach().clone() for k, v in self.prefix.state_dict().items()}
+        else:
+            self.evals_since += 1
+            self.stopped = self.patience is not None and self.evals_since >= self.patience
+
+    def state(self) -> tuple[dict, dict]:
+        return ({f"best.{k}": v for k, v in self.weights.items()},
+                {"best_loss": self.loss, "best_step": self.step, "evals_since_best": self.evals_since})
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        device = self.prefix.device
+        self.weights = {k[len("best."):]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+        self.loss, self.step, self.evals_since = meta["best_loss"], meta["best_step"], meta["evals_since_best"]
+
+
+def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmStartConfig) -> _Data:
+    """Seed, prefix on the model's device, the data split (when no eval set is given) and tokenised."""
     torch.manual_seed(cfg.seed)
-    device = model.device
-    prefix.to(device).train()
+    prefix.to(model.device).train()
     if prefix.num_parameters() == 0:
         raise ValueError("the prefix has no trainable parameters (length 0?)")
     ds = load_records(dataset)
@@ -155,97 +192,88 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
         train_ds, eval_ds = ds, load_records(eval_dataset)
     train = tokenize_sft(train_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system)
     evals = tokenize_sft(eval_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _Data(train, evals, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, cfg)
 
+
+def accumulate_gradients(model, prefix: Prefix, batches: list[dict], n_tokens: int, cfg: WarmStartConfig,
+                         dist) -> tuple[float, float]:
+    """Gradients of the completion NLL per (global) token over the micro-batches, summed over processes and
+    clipped; returns the summed NLL and the gradient norm before clipping."""
+    loss_sum = 0.0
+    for b in batches:
+        if len(b["input_ids"]) == 0:
+            continue
+        nll, _ = completion_nll(model, prefix, b, cfg.precision)
+        (nll / n_tokens).backward()
+        loss_sum += nll.item()
+    dist.sum_grads(list(prefix.parameters()))
+    loss_sum = dist.sum(loss_sum)
+    return loss_sum, torch.nn.utils.clip_grad_norm_(prefix.parameters(), cfg.max_grad_norm).item()
+
+
+def _held_out(model, prefix: Prefix, data: _Data, cfg: WarmStartConfig, dist, step: int) -> dict:
+    eval_loss = evaluate_loss(model, prefix, data.evals, data.pad_id, precision=cfg.precision, dist=dist)
+    assert_finite("warm-start eval loss", step, eval_loss)
+    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+
+
+def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfig | None = None, *,
+               eval_dataset=None, output_dir: str | Path | None = None, resume: bool = True,
+               on_step: Callable[[int, dict], None] | None = None, dist=None,
+               tensorboard: bool = True) -> WarmStartResult:
+    """Train `prefix` (in place) on `dataset` rows of prompt/completion (or chat messages); see WarmStartConfig.
+
+    With `dist` (several processes), each micro-batch is split across processes, the loss is normalised by the
+    micro-batches' global token count and gradients are summed: the same update as one process.
+    `on_step(step, record)` runs after every step (steps counted from 1), as in `ppo`.
+    """
+    # --- setup: data, optimiser, best-prefix keeper, the run (resumed from its checkpoint) ---
+    cfg = config or WarmStartConfig()
+    cfg.validate()  # again: fields may have been changed since construction
+    dist = dist or Dist()
+    data = _setup(model, tokenizer, prefix, dataset, eval_dataset, cfg)
     opt = torch.optim.AdamW(prefix.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out = Path(output_dir) if output_dir else None
-    step, best_loss, best_step, history, evals_since_best = 0, math.inf, 0, [], 0
-    best_state = {k: v.detach().clone() for k, v in prefix.state_dict().items()}
-    cfg_hash = _config_hash(cfg, prefix, train)
-    if out is not None and resume:
-        ckpt = resume_checkpoint(out / "checkpoint", cfg_hash, "warm-start config or dataset")
-        if ckpt is not None:
-            tensors, meta = ckpt
-            load_module_tensors(prefix, tensors, "prefix")
-            load_optimizer_state(opt, tensors, meta["optimizer"])
-            load_rng_state(tensors, meta["rng"])
-            best_state = {k[len("best."):]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
-            step, best_loss, best_step = meta["step"], meta["best_loss"], meta["best_step"]
-            history, evals_since_best = meta["history"], meta["evals_since_best"]
-    logger = (MetricLogger(out / "warmstart_metrics.jsonl", resume_step=step, tensorboard=tensorboard,
-                           enabled=is_main) if out else None)
+    best = _Best(prefix, cfg.early_stop_patience)
+    # every setting counts but NOT_IN_HASH: `steps` shapes the learning-rate schedule, evaluations pick the best
+    cfg_hash = config_hash(cfg, prefix=prefix.config_dict(), n=len(data.train), blobs=_content(data.train, prefix))
+    run = StageRun(output_dir, "warmstart", cfg_hash, dist, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                   what="warm-start config or dataset", desc="warm start", progress=cfg.progress,
+                   tensorboard=tensorboard, on_step=on_step)
+    run.resume({"prefix": prefix}, opt, best, enabled=resume)
 
-    def checkpoint():
-        if out is None or not is_main:
-            return
-        t_opt, m_opt = optimizer_state(opt)
-        t_rng, m_rng = rng_state()
-        tensors = {**module_tensors(prefix, "prefix"), **t_opt, **t_rng,
-                   **{f"best.{k}": v for k, v in best_state.items()}}
-        save_checkpoint(out / "checkpoint", tensors, {
-            "step": step, "best_loss": best_loss, "best_step": best_step, "history": history,
-            "evals_since_best": evals_since_best, "optimizer": m_opt, "rng": m_rng, "config_hash": cfg_hash})
-
-    micro_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
-    bar = tqdm(total=cfg.steps, initial=step, desc="warm start", disable=not (cfg.progress and is_main))
-    stopped_early, t0 = False, time.perf_counter()
-    while step < cfg.steps and not stopped_early:
-        t_step = time.perf_counter()
+    # --- train ---
+    while run.step < cfg.steps and not best.stopped:
+        step, laps = run.step, Laps()
+        # 1. this step's learning rate (warm-up, then decay)
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [step * cfg.grad_accum + j for j in range(cfg.grad_accum)]
-        batches = []
-        for m in micro:  # micro-batch m of the global stream: epoch m // per_epoch, a slice of that epoch's order
-            order = _epoch_order(len(train), cfg.seed, m // micro_per_epoch)
-            start = (m % micro_per_epoch) * cfg.batch_size
-            batches.append(collate_sft([train[i] for i in order[start:start + cfg.batch_size]], pad_id))
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        if dist.world_size > 1:  # this process's share of every micro-batch
-            batches = [{k: v[dist.rank::dist.world_size] for k, v in b.items()} for b in batches]
+        # 2. this step's micro-batches
+        batches, n_tokens, epoch = data.batches(step, dist)
+        # 3. gradients of the completion NLL, accumulated over micro-batches and summed over processes
         opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for b in batches:
-            if len(b["input_ids"]) == 0:
-                continue
-            nll, _ = completion_nll(model, prefix, b, cfg.precision)
-            (nll / n_tokens).backward()
-            loss_sum += nll.item()
-        dist.sum_grads(list(prefix.parameters()))
-        loss_sum = dist.sum(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(prefix.parameters(), cfg.max_grad_norm).item()
+        loss_sum, grad_norm = accumulate_gradients(model, prefix, batches, n_tokens, cfg, dist)
         assert_finite("warm-start loss or gradient", step + 1, loss_sum, grad_norm)
+        # 4. the optimiser step
         opt.step()
-        step += 1
-        assert_finite("warm-start prefix", step, *prefix.parameters())
-        record = {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                  "epoch": micro[-1] / micro_per_epoch, "time/step": time.perf_counter() - t_step}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            eval_loss = evaluate_loss(model, prefix, evals, pad_id, precision=cfg.precision, dist=dist)
-            assert_finite("warm-start eval loss", step, eval_loss)
-            record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-            if eval_loss < best_loss:
-                best_loss, best_step, evals_since_best = eval_loss, step, 0
-                best_state = {k: v.detach().clone() for k, v in prefix.state_dict().items()}
-            else:
-                evals_since_best += 1
-                if cfg.early_stop_patience is not None and evals_since_best >= cfg.early_stop_patience:
-                    stopped_early = True
-        history.append({"step": step, **record})
-        if logger and (step % cfg.log_every == 0 or "eval_loss" in record):
-            logger.log(step, record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"eval": f"{record['eval_loss']:.3f}"}
-                                                        if "eval_loss" in record else {}))
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped_early:
-            checkpoint()
-    bar.close()
-    final_eval = history[-1].get("eval_loss", math.nan) if history else math.nan
-    prefix.load_state_dict(best_state)
+        assert_finite("warm-start prefix", step + 1, *prefix.parameters())
+        laps.lap("step")
+        record = {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": epoch,
+                  **laps.times}
+        # 5. the held-out loss every eval_every steps; keep the best prefix, stop when patience runs out
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            record.update(_held_out(model, prefix, data, cfg, dist, step + 1))
+            best.update(step + 1, record["eval_loss"])
+        # 6. history, metrics (every log_every steps and every evaluation), on_step, progress bar; checkpoint
+        run.log(step + 1, record, write=(step + 1) % cfg.log_every == 0 or "eval_loss" in record,
+                show={"loss": f"{record['loss']:.3f}",
+                      **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {})})
+        run.maybe_checkpoint(step + 1, force=best.stopped)
+
+    # --- cleanup: the best prefix, merged to plain K/V when config.merge ---
+    final_eval = run.history[-1].get("eval_loss", math.nan) if run.history else math.nan
+    prefix.load_state_dict(best.weights)
     prefix.eval()
     result_prefix = prefix.merge(model) if cfg.merge else prefix
-    if logger:
-        logger.close()
-        plot_metrics(out / "warmstart_metrics.jsonl", ["loss", "eval_loss", "lr"], out / "warmstart_curves.png",
-                     title=f"warm start ({time.perf_counter() - t0:.0f}s)")
-    return WarmStartResult(result_prefix, best_loss, best_step, final_eval, step, history)
+    run.close(["loss", "eval_loss", "lr"], title=f"warm start ({run.seconds:.0f}s)")
+    return WarmStartResult(result_prefix, best.loss, best.step, final_eval, run.step, run.history)
