@@ -24,7 +24,7 @@ from rlprefix.stages.warm_start import WarmStartConfig, _epoch_order, split_data
 
 
 def peft_run(model, tok, train, evals, cfg: WarmStartConfig, length: int, hidden: int) -> dict:
-    from peft import PrefixTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, get_peft_model  # optional (the test extra): only this comparison needs it
 
     torch.manual_seed(cfg.seed)
     pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length,
