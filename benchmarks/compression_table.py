@@ -14,8 +14,8 @@ import torch
 
 from common import ROOT, md_table, write_result
 from rewards import build_reward
-from rlprefix import compress, evaluate_reward, load_model, load_prefix
-from rlprefix.lowrank import next_token_kl
+from rlprefix import Prefix, compress, evaluate_reward, load_model, load_prefix
+from rlprefix.stages.compress import next_token_kl
 
 
 def main():
@@ -34,10 +34,6 @@ def main():
     model, tok = load_model()
     full = load_prefix(args.prefix, model)
     if not getattr(full, "init_ids", None):  # saved before init ids were recorded: recover them from the run config
-        import yaml
-
-        from rlprefix import Prefix
-
         run_cfg = yaml.safe_load((Path(args.prefix).parent / "config.yaml").read_text())["prefix"]
         full.init_ids = Prefix.from_text(model, tok, run_cfg["init_text"], full.length, "kv").init_ids
     reward = build_reward(args.reward)

@@ -20,6 +20,7 @@ from common import ROOT, md_table, write_result
 
 
 def worker(args):
+    # here, not at the top: the launcher process only starts the workers and reads their results
     import torch
 
     from rewards import build_reward

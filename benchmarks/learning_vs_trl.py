@@ -73,6 +73,8 @@ def prompts(task: str, split: str) -> list[str]:
     return [TEMPLATES[TASKS[task]["template"]].format(t) for t in topics]
 
 
+# Each run is a child process that imports only its own method's stack (rlprefix, or TRL + PEFT) inside the
+# function that uses it; the parent only schedules children and writes the report.
 def build_task_reward(task: str, model=None, tok=None):
     from rewards import build_reward
 
@@ -260,7 +262,7 @@ def report(runs: dict) -> tuple[str, list[dict]]:
 
 
 def plot(runs: dict) -> None:
-    import matplotlib
+    import matplotlib  # the report only
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -32,6 +32,8 @@ SHAPES = {  # real architectures, random init (for GPU runs where the real weigh
 }
 
 
+# Each method runs in a child process that imports only its own stack (rlprefix, or TRL + PEFT) inside the
+# function that uses it, so its peak memory (ru_maxrss) measures that stack alone.
 def load(args):
     from rlprefix import load_model
 

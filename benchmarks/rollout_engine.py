@@ -15,6 +15,8 @@ import time
 import torch
 
 from common import md_table, write_result
+from rlprefix import Prefix, engine, generation, load_model
+from rlprefix.generation import encode_prompts
 
 TOPICS = ["a coffee shop", "a motel", "a bicycle", "a museum", "a pizza", "a laptop", "a park", "a train ride",
           "a concert", "a bakery", "a hiking trail", "a phone", "a library", "a beach", "a cinema", "a gym"]
@@ -53,9 +55,6 @@ def table_rows(runs: dict, repeats: int, tokens: int, completions: int) -> list[
 
 
 def part_a(model, tok, prefix, args) -> list[dict]:
-    from rlprefix import engine, generation
-    from rlprefix.generation import encode_prompts
-
     prompts = [f"Write a one-sentence review of {t}." for t in (TOPICS * 4)[:args.prompts]]
     ids, mask = encode_prompts(tok, prompts)
     n = args.tokens
@@ -79,9 +78,6 @@ def part_a(model, tok, prefix, args) -> list[dict]:
 
 
 def part_c(model, tok, prefixes, args) -> list[dict]:
-    from rlprefix import engine
-    from rlprefix.generation import encode_prompts
-
     k, per = len(prefixes), args.mixed_rows // len(prefixes)
     prompts = [f"Write a one-sentence review of {t}." for t in (TOPICS * 8)[:per * k]]
     ids, mask = encode_prompts(tok, prompts)
@@ -116,8 +112,6 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from rlprefix import Prefix, load_model
-
     model, tok = load_model("smollm2-135m-instruct")
     prefixes = [Prefix.from_text(model, tok, f"You write short reviews. {s}", length=16, kind="kv") for s in STYLES]
     result = {"settings": vars(args), "model": "smollm2-135m-instruct (fp32, dequantised GGUF)",

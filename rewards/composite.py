@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .hygiene import check_values
+from .contract import check_values
 from .registry import build_reward, register
 
 

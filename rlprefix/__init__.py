@@ -7,9 +7,10 @@ from .io import ArtifactError  # noqa: E402
 from .artifacts import ModelMismatchError, load_prefix, save_prefix  # noqa: E402
 from .generation import encode_prompts, sample  # noqa: E402
 from .engine import PrefixBank, generate  # noqa: E402
-from .warmstart import WarmStartConfig, WarmStartResult, warm_start  # noqa: E402
-from .rl import PPOConfig, PPOResult, ppo  # noqa: E402
-from .lowrank import CompressedPrefix, compress, compress_to_budget, fidelity_report  # noqa: E402
+from .stages.warm_start import WarmStartConfig, WarmStartResult, warm_start  # noqa: E402
+from .stages.ppo import PPOConfig, PPOResult, ppo  # noqa: E402
+from .lowrank import CompressedPrefix, compress  # noqa: E402
+from .stages.compress import compress_to_budget, fidelity_report  # noqa: E402
 from .peft_export import export_peft  # noqa: E402
 from .evaluate import evaluate_reward  # noqa: E402
 

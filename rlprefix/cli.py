@@ -1,4 +1,9 @@
-"""The `rlprefix` command: run a config, or generate / eval / compress / export / inspect a saved prefix."""
+"""The `rlprefix` command: run a config, or generate / eval / compress / export / inspect a saved prefix.
+
+Each subcommand imports what it uses inside its function, unlike every other module here, so that `rlprefix --help`,
+a usage error or `rlprefix info` answer without loading the pipeline, the rewards or the serving stack (fastapi,
+uvicorn); the rlprefix package itself (torch, transformers) is imported either way.
+"""
 from __future__ import annotations
 
 import argparse
@@ -97,7 +102,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .lowrank import compress, compress_to_budget, fidelity_report
+    from .lowrank import compress
+    from .stages.compress import compress_to_budget, fidelity_report
     from .artifacts import load_prefix
     from .io import check_artifact_target
     from .modeling import load_model

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 
 from .modeling import DEFAULT_MODEL
-from .rl import PPOConfig
 from .settings import (NONNEG, POSITIVE, UNIT, Check, ConfigError, Settings, at_least, describe, each_of,
                        setting, type_hints)
-from .warmstart import WarmStartConfig
+from .stages.ppo import PPOConfig
+from .stages.warm_start import WarmStartConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "parse_value", "stage_config",
            "dump_config", "reference"]

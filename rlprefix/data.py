@@ -12,7 +12,7 @@ from .generation import render_prompts
 
 def load_records(source, split: str = "train"):
     """A `datasets.Dataset` from a JSONL/JSON/CSV/Parquet file, a Dataset, a list of dicts/strings, or a hub name."""
-    import datasets
+    import datasets  # here, not at the top: it takes seconds to import, and only stages that read data need it
 
     if isinstance(source, datasets.DatasetDict):
         source = source[split]

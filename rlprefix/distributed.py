@@ -22,7 +22,7 @@ class Dist:
     def from_env(cls) -> "Dist":
         """Join the process group when launched by accelerate/torchrun (WORLD_SIZE > 1); otherwise single."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and tdist.is_available() and not tdist.is_initialized():
-            from accelerate import PartialState
+            from accelerate import PartialState  # optional: only multi-process runs need it
 
             # initialises the process group from the launcher's environment (nccl on GPUs, gloo on CPUs)
             PartialState(cpu=not torch.cuda.is_available())

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rewards import Scorer
-
 from .data import load_records, require_columns
 from .engine import PrefixBank, sample
 from .generation import encode_prompts
 from .runtime import score_completions
+from .scorer import Scorer
+from .seeds import derive_seed
 
 
 @dataclass
@@ -58,7 +58,7 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     ds = load_records(prompts)
     require_columns(ds, ["prompt"], "evaluation")
     rows = [ds[i] for i in range(len(ds)) for _ in range(samples_per_prompt)]
-    seeds = [seed * 1_000_003 + i for i in range(len(rows))]  # one stream per sample, whatever the batching
+    seeds = [derive_seed("eval", seed, i) for i in range(len(rows))]  # a stream per sample, whatever the batching
     if dist is not None and dist.world_size > 1:
         rows, seeds = rows[dist.rank::dist.world_size], seeds[dist.rank::dist.world_size]
     scorer = reward if isinstance(reward, Scorer) else Scorer(reward, on_error=on_error, penalty=penalty)

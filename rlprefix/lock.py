@@ -12,9 +12,9 @@ class OutputDirLocked(RuntimeError):
 
 
 def _try_lock(fd: int) -> bool:
-    try:
+    try:  # the platform's own locking module: fcntl on POSIX, msvcrt on Windows
         import fcntl
-    except ImportError:  # Windows
+    except ImportError:
         import msvcrt
 
         try:

@@ -24,7 +24,7 @@ class MetricLogger:
             self.path.unlink()
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self.writer = SummaryWriter(str(self.path.parent / "tensorboard" / self.path.stem))
             except ImportError:
@@ -59,9 +59,9 @@ def plot_metrics(path: str | Path, keys: list[str], out_png: str | Path, title: 
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:
         return None
-    import matplotlib
+    import matplotlib  # here: slow to import, and only the final curves need it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot: files only, no display
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)

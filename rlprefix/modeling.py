@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .io import honour_umask
 
@@ -101,8 +102,6 @@ def materialise_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -
     The result is cached, keyed by the file's path, size and mtime; later loads take about a second.
     The write is atomic: a half-written checkpoint is never left where a later load would find it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.exists():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
@@ -162,8 +161,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
                device: str | torch.device = "cpu"):
     """Load (model, tokenizer), frozen, from the default alias, a .gguf file, a local dir or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -15,31 +15,10 @@ from torch import nn
 
 from .artifacts import load_prefix, register_kind, save_prefix
 from .modeling import KVSpec, kv_spec
+from .runtime import cache_to_kv, text_kv
 
 PrefixKind = Literal["kv", "mlp", "prompt"]
 KINDS = ("kv", "mlp", "prompt")
-
-
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
-def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
-    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
-    out = []
-    for k, v in cache_layers(cache):
-        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def text_kv(model, ids: list[int]) -> torch.Tensor:
-    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
-    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
-    return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 
 
 class Prefix(nn.Module):

@@ -1,4 +1,4 @@
-"""Running a frozen model with a prefix: cache construction, masks, positions, log-probabilities.
+"""Running a frozen model with a prefix: caches (prefix K/V in, K/V of text out), masks, positions, log-probabilities.
 
 Conventions (the same as PEFT's prefix tuning, so exported prefixes give the same logits there):
 - the attention mask gets `length` ones prepended for the prefix;
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .modeling import kv_spec
+from .modeling import KVSpec, kv_spec
 
 
 def model_dtype(model) -> torch.dtype:
@@ -40,6 +40,29 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
                 .unsqueeze(0).expand(batch_size, -1, -1, -1) for i in (0, 1))
         cache.update(k, v, layer)
     return cache
+
+
+# ---- caches back to K/V: the inverse of build_cache ------------------------------------------------------------
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
+    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
+    out = []
+    for k, v in cache_layers(cache):
+        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def text_kv(model, ids: list[int]) -> torch.Tensor:
+    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
+    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+    return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 
 
 def prefix_kv(model, prefix) -> torch.Tensor | None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rlprefix import ArtifactError, ModelMismatchError, Prefix, load_prefix
-from rlprefix.lowrank import (CompressedPrefix, choose_rank, compress, compress_to_budget, fidelity_report,
-                               reconstruction_error)
+from rlprefix.lowrank import CompressedPrefix, choose_rank, compress, reconstruction_error
+from rlprefix.stages.compress import compress_to_budget, fidelity_report
 from rlprefix.runtime import forward
 from tiny import tiny_model, tiny_tokenizer
 

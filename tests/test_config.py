@@ -112,8 +112,8 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
     final = load_prefix(run / "prefix_ppo").kv.clone()
 
     # a second run with the same config skips every finished stage
-    import rlprefix.warmstart as ws
-    import rlprefix.rl as ppo_mod
+    import rlprefix.stages.warm_start as ws
+    import rlprefix.stages.ppo as ppo_mod
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
@@ -127,7 +127,7 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
 def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
     path = tiny_run_config(tmp_path)
     assert main(["run", str(path), f"output_dir={tmp_path / 'full'}"]) == 0
-    import rlprefix.rl as ppo_mod
+    import rlprefix.stages.ppo as ppo_mod
 
     real, calls = ppo_mod.rollout, {"n": 0}
 
@@ -244,7 +244,7 @@ def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
         seen["ws"] = (a[4].progress, tensorboard)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlprefix.warmstart.warm_start", fake_ws)
+    monkeypatch.setattr("rlprefix.stages.warm_start.warm_start", fake_ws)
     path = tiny_run_config(tmp_path, warm_start={"progress": False}, logging={"progress": True, "tensorboard": False})
     with pytest.raises(KeyboardInterrupt):
         run(load_config(path), log=lambda *_: None)
@@ -254,7 +254,7 @@ def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
         seen["ppo"] = (a[5].progress, eval_prompts, tensorboard)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlprefix.rl.ppo", fake_ppo)
+    monkeypatch.setattr("rlprefix.stages.ppo.ppo", fake_ppo)
     path = tiny_run_config(tmp_path, warm_start={"enabled": False}, ppo={"progress": False, "eval_every": 1},
                            logging={"progress": True, "tensorboard": True})
     with pytest.raises(KeyboardInterrupt):

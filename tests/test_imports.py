@@ -6,18 +6,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("rlprefix", "rewards")
-MODULES = sorted(f"{pkg}.{p.stem}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py") if p.stem != "__init__")
+TOP = ("rlprefix", "rewards")
+PACKAGES = sorted(".".join(p.parent.relative_to(ROOT).parts) for top in TOP for p in (ROOT / top).rglob("__init__.py"))
+MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for top in TOP for p in (ROOT / top).rglob("*.py")
+                 if p.stem != "__init__")
 
 
 def _imports(package: str, body) -> set[str]:
-    """Modules (or packages: `from . import x` with x a name in __init__) of ours that `body` imports."""
+    """Modules (or packages: `from . import x` with x a name in __init__) of ours that `body` imports;
+    `package` is the package relative imports start from."""
     found = set()
     for node in body:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in MODULES or a.name in PACKAGES}
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(filter(None, [package if node.level else "", node.module]))
+            anchor = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            base = ".".join(filter(None, [anchor, node.module]))
             if base in MODULES:
                 found.add(base)
             elif base in PACKAGES:
@@ -26,10 +30,11 @@ def _imports(package: str, body) -> set[str]:
 
 
 def module_graph() -> dict[str, set[str]]:
-    graph = {pkg: _imports(pkg, ast.parse((ROOT / pkg / "__init__.py").read_text()).body) for pkg in PACKAGES}
+    graph = {pkg: _imports(pkg, ast.parse((ROOT / pkg.replace(".", "/") / "__init__.py").read_text()).body) - {pkg}
+             for pkg in PACKAGES}
     for m in MODULES:
-        pkg, name = m.split(".")
-        graph[m] = _imports(pkg, ast.parse((ROOT / pkg / f"{name}.py").read_text()).body) - {m}
+        body = ast.parse((ROOT / f"{m.replace('.', '/')}.py").read_text()).body
+        graph[m] = _imports(m.rpartition(".")[0], body) - {m}
     return graph
 
 
@@ -49,6 +54,13 @@ def test_no_import_cycles():
 
     for m in sorted(graph):
         visit(m)
+
+
+def test_rewards_do_not_import_rlprefix():
+    """`rewards` is usable on its own (e.g. handed to TRL); rlprefix builds on it, never the other way."""
+    graph = module_graph()
+    for m in (n for n in graph if n.split(".")[0] == "rewards"):
+        assert not {d for d in graph[m] if d.split(".")[0] == "rlprefix"}, m
 
 
 def test_every_module_imports_on_its_own():

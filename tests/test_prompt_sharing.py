@@ -6,7 +6,7 @@ from rlprefix import Prefix, PPOConfig
 from rlprefix.distributed import Dist
 from rlprefix.engine import sample
 from rlprefix.generation import encode_prompts, sample as reference
-from rlprefix.rl import BatchShard
+from rlprefix.stages.ppo import BatchShard
 from rlprefix.runtime import score_completions
 from tiny import tiny_model
 

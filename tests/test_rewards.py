@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rewards import REGISTRY, Composite, RewardError, Scorer, build_reward, load_callable
+from rewards import REGISTRY, Composite, RewardError, build_reward, load_callable
+from rlprefix.scorer import Scorer
 from tiny import tiny_model, tiny_tokenizer
 
 

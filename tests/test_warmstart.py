@@ -6,7 +6,7 @@ import torch
 
 from rlprefix import Prefix
 from rlprefix.data import collate_sft, load_records, tokenize_sft
-from rlprefix.warmstart import WarmStartConfig, evaluate_loss, warm_start
+from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, warm_start
 from tiny import tiny_model, tiny_tokenizer
 
 DATA = [{"prompt": f"review {w}", "completion": f"{w} is good great love"} for w in
@@ -53,7 +53,7 @@ def test_merge_keeps_eval_loss():
     assert after == pytest.approx(before, abs=1e-5)
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     config = cfg(steps=8, checkpoint_every=3, eval_every=4, grad_accum=2)
 
@@ -62,20 +62,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     full = warm_start(model, tok, fresh(), DATA, config, output_dir=tmp_path / "a")
 
-    import rlprefix.warmstart as ws
-
-    real, calls = ws.completion_nll, {"n": 0}
-
-    def dies_at_step_5(*a, **k):  # 2 micro-batches per step: the 9th call is inside step 5
-        calls["n"] += 1
-        if calls["n"] == 9:
+    def dies_after_step_5(step, record):  # the last checkpoint before it is step 3's
+        if step == 5:
             raise KeyboardInterrupt
-        return real(*a, **k)
 
-    monkeypatch.setattr(ws, "completion_nll", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        warm_start(model, tok, fresh(), DATA, config, output_dir=tmp_path / "b")
-    monkeypatch.setattr(ws, "completion_nll", real)
+        warm_start(model, tok, fresh(), DATA, config, output_dir=tmp_path / "b", on_step=dies_after_step_5)
     resumed = warm_start(model, tok, fresh(), DATA, config, output_dir=tmp_path / "b")
     for k, v in full.prefix.state_dict().items():
         assert torch.equal(v, resumed.prefix.state_dict()[k]), k

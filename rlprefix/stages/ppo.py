@@ -7,8 +7,8 @@ no second copy of the model exists anywhere.
 One step (the numbered calls in `ppo`):
   1. `rollout`: sample `group_size` completions for each of `batch_size / group_size` prompts, recording the
      policy's log-probs (the "old" policy) and, for GAE, the final hidden states the value head reads;
-  2. score them with the reward (hygiene and running normalisation in `Scorer`);
-  3. reference log-probs (one forward of the frozen model with the reference prefix);
+  2. `score` them with the reward (hygiene and running normalisation in `rlprefix.scorer.Scorer`);
+  3. `reference_logprobs` (one forward of the frozen model with the reference prefix);
   4. `advantages`: per-token advantages from one of
        - `rloo`: REINFORCE leave-one-out baseline within each prompt's group (Ahmadian et al. 2024),
        - `grpo`: group mean baseline divided by the group's std (Shao et al. 2024),
@@ -16,38 +16,34 @@ One step (the numbered calls in `ppo`):
      then whitened over the batch, so the update does not depend on the reward's scale;
   5. `ppo_update`: epochs of shuffled minibatches of the clipped surrogate (+ value loss for GAE, entropy
      bonus, KL to the reference as a loss term or a per-token reward);
-  6. `step_metrics`.
+  6. `step_metrics`, then the adaptive KL coefficient follows the batch's KL;
+  7. every `eval_every` steps, the reward on held-out prompts;
+  8. the record, metrics file, progress bar and checkpoints (`rlprefix.stage_run.StageRun`).
 Details follow CleanRL's ppo and "The 37 implementation details of PPO"; each is a named config field.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from rewards import Scorer
-
-from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_state,
-                         module_tensors, optimizer_state, resume_checkpoint, rng_state, save_checkpoint)
-from .data import load_records, require_columns
-from .distributed import Dist
-from .evaluate import evaluate_reward
-from . import engine
-from .generation import Rollout, encode_prompts
-from .guards import assert_finite
-from .metrics import MetricLogger, plot_metrics
-from .prefix import Prefix
-from .runtime import entropy_of, score_completions
-from .settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
+from ..data import load_records, require_columns
+from ..distributed import Dist
+from ..evaluate import evaluate_reward
+from .. import engine
+from ..generation import Rollout, encode_prompts
+from ..guards import assert_finite
+from ..prefix import Prefix
+from ..runtime import entropy_of, score_completions
+from ..scorer import Scorer
+from ..seeds import derive_seed
+from ..settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
                        setting)
+from ..stage_run import Laps, StageRun, config_hash
 
 ADVANTAGES = ("rloo", "grpo", "gae")
 
@@ -61,7 +57,7 @@ class PPOConfig(Settings):
     minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
     epochs: int = setting(1, "passes over each rollout batch", POSITIVE)
     lr: float = setting(3e-3, "prefix learning rate (Adam)", POSITIVE)
-    advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.rl)")  # checked with group_size below
+    advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.stages.ppo)")  # checked with group_size below
     value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
     max_new_tokens: int = setting(40, "tokens sampled per completion", POSITIVE)
     min_new_tokens: int = setting(0, "no end-of-sequence before this many tokens", NONNEG)
@@ -148,12 +144,6 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n / self.horizon
 
 
-def _row_seed(seed: int, step: int, row: int) -> int:
-    """A seed for one global batch row at one step: rollouts do not depend on how rows are split over
-    processes, and resuming needs no RNG state for sampling."""
-    return (seed * 1_000_003 + step) * 1_000_033 + row
-
-
 # ---- advantage estimators ------------------------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over completion tokens; positions past the end are masked."""
@@ -213,13 +203,16 @@ class BatchShard:
         """Dataset rows for this process's completions at `step` (a seeded permutation per pass over the data)."""
         cfg = self.cfg
         epoch, slot = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        gen = torch.Generator().manual_seed(derive_seed("ppo/prompts", cfg.seed, epoch))
+        order = torch.randperm(self.n_prompts, generator=gen)
         prompts = [int(order[(slot * self.prompts_per_step + i) % self.n_prompts]) for i in range(self.prompts_per_step)]
         rows = [p for p in prompts for _ in range(cfg.group_size)]
         return rows[self.first:self.first + self.local]
 
     def row_seeds(self, step: int) -> list[int]:
-        return [_row_seed(self.cfg.seed, step, self.first + i) for i in range(self.local)]
+        """A sampling seed per global row and step: rollouts do not depend on how rows are split over
+        processes, and resuming needs no RNG state for sampling."""
+        return [derive_seed("ppo/row", self.cfg.seed, step, self.first + i) for i in range(self.local)]
 
     def minibatches(self, step: int, epoch: int):
         """Local row indices of each minibatch of one permutation of the *global* batch (the same on every
@@ -228,7 +221,7 @@ class BatchShard:
         When a minibatch holds whole groups, whole groups are shuffled, so a minibatch's rows share prompts
         and the training forward runs each prompt once (`score_completions(share_prompts=True)`)."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(_row_seed(cfg.seed, step, 10_000_019 + epoch))
+        gen = torch.Generator().manual_seed(derive_seed("ppo/minibatches", cfg.seed, step, epoch))
         k = cfg.group_size if cfg.minibatch_size % cfg.group_size == 0 else 1
         groups = torch.randperm(cfg.batch_size // k, generator=gen)
         perm = (groups.unsqueeze(1) * k + torch.arange(k)).flatten()
@@ -246,6 +239,14 @@ def rollout(model, tokenizer, prefix: Prefix, prompts: list[str], cfg: PPOConfig
     return engine.sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
                   min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                   return_hidden=cfg.uses_critic, row_seeds=row_seeds)
+
+
+def score(scorer: Scorer, prompts: list[str], roll: Rollout, columns: dict, device) -> tuple:
+    """The rollout's scores on `device` (NaN where no reward applies), the raw scores as the reward returned
+    them (for logging) and the reward's metrics."""
+    completion_ids = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    scores, metrics = scorer(prompts, roll.texts, completion_ids=completion_ids, **columns)
+    return scores.to(device), scorer.last_raw, metrics
 
 
 @dataclass
@@ -400,53 +401,81 @@ class PPOResult:
     kl_coef: float = 0.0
 
 
-def _config_hash(cfg: PPOConfig, prefix: Prefix, n_prompts: int) -> str:
-    blob = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every", "steps")}
-    blob.update(prefix=prefix.config_dict(), n=n_prompts)
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# beyond NOT_IN_HASH, what a PPO checkpoint does not depend on (a run may be resumed with these changed)
+NOT_IN_PPO_HASH = {
+    "steps": "only where the run stops: no schedule spans the steps, so a finished run can be extended",
+    "eval_every": "held-out evaluations sample their own seeded streams and never touch the training state",
+    "eval_max_new_tokens": "the same",
+}
 
 
-class _State:
-    """What a PPO checkpoint holds, and how to save / restore it."""
+@dataclass
+class _Setup:
+    """What `ppo` builds before its loop. Its `state` / `load_state` are what a checkpoint holds beyond the
+    prefix, value head, optimiser and RNG: the reference K/V, the KL coefficient and the reward normaliser."""
+    ds: object                   # datasets.Dataset with a `prompt` column (+ reward columns)
+    scorer: Scorer
+    ref_kv: torch.Tensor | None  # the reference prefix's K/V (reference: initial), None for the base model
+    value_head: ValueHead | None
+    groups: list[dict]           # the optimiser's parameter groups
+    opt: torch.optim.Optimizer | None
+    kl_ctl: AdaptiveKLController
+    shard: BatchShard
+    dist: Dist
 
-    def __init__(self, prefix, value_head, opt, kl_ctl, scorer, ref_kv, cfg_hash, dist):
-        self.prefix, self.value_head, self.opt, self.kl_ctl = prefix, value_head, opt, kl_ctl
-        self.scorer, self.ref_kv, self.cfg_hash, self.dist = scorer, ref_kv, cfg_hash, dist
-        self.step, self.history = 0, []
+    def prompts_at(self, step: int) -> tuple[list[str], dict[str, list]]:
+        """This process's prompts at `step` (each repeated group_size times) and their reward columns."""
+        rows = self.ds.select(self.shard.prompt_indices(step))
+        return list(rows["prompt"]), {c: list(rows[c]) for c in self.ds.column_names if c != "prompt"}
 
-    def resume(self, path: Path) -> None:
-        ckpt = resume_checkpoint(path, self.cfg_hash, "PPO config or prompt set")
-        if ckpt is None:
-            return
-        tensors, meta = ckpt
+    def state(self) -> tuple[dict, dict]:
+        tensors = {"ref_kv": self.ref_kv} if self.ref_kv is not None else {}
+        return tensors, {"kl_coef": self.kl_ctl.value, "scorer": self.scorer.state_dict(),
+                         "world_size": self.dist.world_size}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
         if meta.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"checkpoint was written with {meta.get('world_size')} processes; resume with the "
                              f"same number (now {self.dist.world_size})")
-        load_module_tensors(self.prefix, tensors, "prefix")
-        if self.value_head is not None:
-            load_module_tensors(self.value_head, tensors, "value_head")
         if self.ref_kv is not None:
-            self.ref_kv = tensors["ref_kv"].to(self.ref_kv.device)
-        load_optimizer_state(self.opt, tensors, meta["optimizer"])
-        load_rng_state(tensors, meta["rng"])
+            self.ref_kv.copy_(tensors["ref_kv"])
         self.kl_ctl.value = meta["kl_coef"]
         self.scorer.load_state_dict(meta["scorer"])
-        self.step, self.history = meta["step"], meta["history"]
 
-    def save(self, path: Path) -> None:
-        if not self.dist.is_main:
-            return
-        t_opt, m_opt = optimizer_state(self.opt)
-        t_rng, m_rng = rng_state()
-        tensors = {**module_tensors(self.prefix, "prefix"), **t_opt, **t_rng}
-        if self.value_head is not None:
-            tensors.update(module_tensors(self.value_head, "value_head"))
-        if self.ref_kv is not None:
-            tensors["ref_kv"] = self.ref_kv
-        save_checkpoint(path, tensors, {
-            "step": self.step, "history": self.history, "optimizer": m_opt, "rng": m_rng,
-            "kl_coef": self.kl_ctl.value, "scorer": self.scorer.state_dict(), "config_hash": self.cfg_hash,
-            "world_size": self.dist.world_size})
+
+def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dist: Dist) -> _Setup:
+    """Data, reward hygiene, reference, value head (gae) and optimiser."""
+    ds = load_records(prompts)
+    require_columns(ds, ["prompt"], "PPO")
+    scorer = reward if isinstance(reward, Scorer) else Scorer(
+        reward, on_error=cfg.on_reward_error, penalty=cfg.reward_penalty, clip=cfg.reward_clip,
+        normalize=cfg.reward_normalize)
+    if dist.world_size > 1:
+        scorer.gather = dist.gather_floats  # reward normalisation uses global statistics
+    prefix.to(model.device)
+    ref_kv = prefix.key_values(model).detach().clone() if cfg.reference == "initial" and prefix.length else None
+    torch.manual_seed(cfg.seed)  # before the value head, whose init must not depend on earlier work
+    value_head = (ValueHead(model.config.get_text_config().hidden_size, cfg.value_hidden).to(model.device)
+                  if cfg.uses_critic else None)
+    groups = [{"params": list(value_head.parameters()), "lr": cfg.value_lr, "name": "value"}] if value_head else []
+    if prefix.num_parameters():
+        groups.insert(0, {"params": [p for p in prefix.parameters() if p.requires_grad], "lr": cfg.lr,
+                          "name": "prefix"})
+    opt = torch.optim.Adam(groups, eps=1e-5) if groups else None  # None: nothing to train (an empty prefix)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return _Setup(ds, scorer, ref_kv, value_head, groups, opt, kl_ctl, BatchShard(cfg, len(ds), dist), dist)
+
+
+def _eval_due(cfg: PPOConfig, step: int) -> bool:
+    """A held-out evaluation after `step` (every eval_every steps; the one after the last step is the caller's)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
+
+
+def held_out_reward(model, tokenizer, prefix: Prefix, eval_prompts, reward, cfg: PPOConfig, dist: Dist) -> float:
+    """Mean reward of the current prefix on `eval_prompts` (the raw reward, the stage's sampling settings)."""
+    return evaluate_reward(model, tokenizer, prefix, eval_prompts, reward, chat=cfg.chat, system=cfg.system,
+                           seed=cfg.seed, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                           temperature=cfg.temperature, dist=dist).mean
 
 
 def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPOConfig | None = None, *,
@@ -457,90 +486,55 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
 
     `prompts`: a list of strings, a list of dicts / datasets.Dataset / file with a `prompt` column; any
     other column is passed to the reward as a keyword list. `eval_prompts`: scored every `eval_every` steps.
-    `tensorboard`: TensorBoard events next to the JSONL metrics. `dist` (rlprefix.distributed.Dist) spreads
-    rollouts over processes; gradients and statistics are then all-reduced.
+    `on_step(step, record)` runs after every step (steps counted from 1). `tensorboard`: TensorBoard events
+    next to the JSONL metrics. `dist` (rlprefix.distributed.Dist) spreads rollouts over processes; gradients
+    and statistics are then all-reduced.
     """
-    # --- setup: data, reward hygiene, reference, value head (gae), optimiser, checkpoint state ---
+    # --- setup: data, reward hygiene, reference, value head (gae), optimiser, the run (resumed) ---
     cfg = config or PPOConfig()
     cfg.validate()  # again: fields may have been changed since construction
     dist = dist or Dist()
-    device = model.device
-    ds = load_records(prompts)
-    require_columns(ds, ["prompt"], "PPO")
-    columns = [c for c in ds.column_names if c != "prompt"]
-    scorer = reward if isinstance(reward, Scorer) else Scorer(
-        reward, on_error=cfg.on_reward_error, penalty=cfg.reward_penalty, clip=cfg.reward_clip,
-        normalize=cfg.reward_normalize)
-    if dist.world_size > 1:
-        scorer.gather = dist.gather_floats  # reward normalisation uses global statistics
-    prefix.to(device)
-    ref_kv = prefix.key_values(model).detach().clone() if cfg.reference == "initial" and prefix.length else None
-    torch.manual_seed(cfg.seed)  # before the value head, whose init must not depend on earlier work
-    value_head = (ValueHead(model.config.get_text_config().hidden_size, cfg.value_hidden).to(device)
-                  if cfg.uses_critic else None)
-    groups = [{"params": list(value_head.parameters()), "lr": cfg.value_lr, "name": "value"}] if value_head else []
-    if prefix.num_parameters():
-        groups.insert(0, {"params": [p for p in prefix.parameters() if p.requires_grad], "lr": cfg.lr,
-                          "name": "prefix"})
-    opt = torch.optim.Adam(groups, eps=1e-5) if groups else None  # None: nothing to train (an empty prefix)
-    state = _State(prefix, value_head, opt, AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
-                   scorer, ref_kv, _config_hash(cfg, prefix, len(ds)), dist)
-    out = Path(output_dir) if output_dir else None
-    if out is not None and resume:
-        state.resume(out / "ppo_checkpoint")
-    logger = (MetricLogger(out / "ppo_metrics.jsonl", resume_step=state.step, tensorboard=tensorboard,
-                           enabled=dist.is_main) if out else None)
-    shard = BatchShard(cfg, len(ds), dist)
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", disable=not (cfg.progress and dist.is_main))
+    s = _setup(model, prefix, prompts, reward, cfg, dist)
+    cfg_hash = config_hash(cfg, ignore=NOT_IN_PPO_HASH, prefix=prefix.config_dict(), n=len(s.ds))
+    run = StageRun(output_dir, "ppo", cfg_hash, dist, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                   checkpoint="ppo_checkpoint", what="PPO config or prompt set", desc="rl", progress=cfg.progress,
+                   tensorboard=tensorboard, on_step=on_step)
+    run.resume({"prefix": prefix, "value_head": s.value_head}, s.opt, s, enabled=resume)
 
     # --- train ---
-    while state.step < cfg.steps:
-        step, t0 = state.step, time.perf_counter()
-        rows = ds.select(shard.prompt_indices(step))
-        batch_prompts, batch_columns = list(rows["prompt"]), {c: list(rows[c]) for c in columns}
+    while run.step < cfg.steps:
+        step, laps = run.step, Laps()
+        batch_prompts, columns = s.prompts_at(step)
         # 1. sample group_size completions per prompt with the current prefix
-        roll = rollout(model, tokenizer, prefix, batch_prompts, cfg, shard.row_seeds(step))
-        t_gen = time.perf_counter()
+        roll = rollout(model, tokenizer, prefix, batch_prompts, cfg, s.shard.row_seeds(step))
+        laps.lap("generate")
         # 2. score them (NaN for a row where no reward applies)
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-        scores, reward_metrics = scorer(batch_prompts, roll.texts, completion_ids=completion_ids, **batch_columns)
-        raw_scores, scores = scorer.last_raw, scores.to(device)
-        t_score = time.perf_counter()
-        # 3. reference log-probs, 4. advantages
-        ref_lp = reference_logprobs(model, roll, state.ref_kv, cfg.temperature)
-        batch = advantages(roll, scores, ref_lp, value_head, cfg, state.kl_ctl.value, shard, dist)
-        t_ref = time.perf_counter()
+        scores, raw_scores, reward_metrics = score(s.scorer, batch_prompts, roll, columns, model.device)
+        laps.lap("score")
+        # 3. reference log-probs
+        ref_lp = reference_logprobs(model, roll, s.ref_kv, cfg.temperature)
+        # 4. per-token advantages
+        batch = advantages(roll, scores, ref_lp, s.value_head, cfg, s.kl_ctl.value, s.shard, dist)
+        laps.lap("reference")
         # 5. the clipped-surrogate update
-        update_stats = ppo_update(model, prefix, value_head, opt, groups, batch, shard, step, cfg,
-                                  state.kl_ctl.value, dist)
+        update_stats = ppo_update(model, prefix, s.value_head, s.opt, s.groups, batch, s.shard, step, cfg,
+                                  s.kl_ctl.value, dist)
         assert_finite("PPO update (prefix or advantages)", step + 1, batch.advantages, *prefix.parameters())
-        t_train = time.perf_counter()
-        # 6. metrics, KL controller, evaluation, checkpoint
-        record = {**step_metrics(batch, raw_scores, reward_metrics, cfg, dist), "kl_coef": state.kl_ctl.value,
-                  **update_stats, "time/generate": t_gen - t0, "time/score": t_score - t_gen,
-                  "time/reference": t_ref - t_score, "time/train": t_train - t_ref}
-        state.kl_ctl.update(record["kl"], cfg.batch_size)
-        state.step = step + 1
-        if eval_prompts is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-            record["eval/reward"] = evaluate_reward(
-                model, tokenizer, prefix, eval_prompts, scorer.reward, chat=cfg.chat, system=cfg.system,
-                seed=cfg.seed, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                temperature=cfg.temperature, dist=dist).mean
-        state.history.append({"step": state.step, **record})
-        if logger:
-            logger.log(state.step, record)
-        if on_step:
-            on_step(state.step, record)
-        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl']:.2f}")
-        bar.update(1)
-        if out is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
-            state.save(out / "ppo_checkpoint")
+        laps.lap("train")
+        # 6. metrics, then the KL controller follows the batch's KL
+        record = {**step_metrics(batch, raw_scores, reward_metrics, cfg, dist), "kl_coef": s.kl_ctl.value,
+                  **update_stats, **laps.times}
+        s.kl_ctl.update(record["kl"], cfg.batch_size)
+        # 7. the held-out reward every eval_every steps
+        if eval_prompts is not None and _eval_due(cfg, step + 1):
+            record["eval/reward"] = held_out_reward(model, tokenizer, prefix, eval_prompts, s.scorer.reward, cfg,
+                                                    dist)
+        # 8. history, metrics, on_step, progress bar; checkpoint
+        run.log(step + 1, record, show={"reward": f"{record['reward/mean']:.3f}", "kl": f"{record['kl']:.2f}"})
+        run.maybe_checkpoint(step + 1)
 
     # --- cleanup ---
-    bar.close()
     prefix.eval()
-    if logger:
-        logger.close()
-        keys = ["reward/mean", "kl", "policy/entropy"] + (["value/explained_variance"] if cfg.uses_critic else [])
-        plot_metrics(out / "ppo_metrics.jsonl", keys, out / "ppo_curves.png", title=f"RL ({cfg.advantage})")
-    return PPOResult(prefix, value_head, state.history, state.step, state.kl_ctl.value)
+    run.close(["reward/mean", "kl", "policy/entropy"] + (["value/explained_variance"] if cfg.uses_critic else []),
+              title=f"RL ({cfg.advantage})")
+    return PPOResult(prefix, s.value_head, run.history, run.step, s.kl_ctl.value)
