@@ -72,6 +72,14 @@ def rl_parameterisation(prefix, model, merge: bool):
     return prefix
 
 
+def initial_prefix(section, model, tok, seed: int) -> Prefix:
+    """A fresh prefix as the config's `prefix` section describes it (text or random init, any kind)."""
+    kw = dict(mlp_hidden=section.mlp_hidden, shared_dim=section.shared_dim)
+    if section.init == "text":
+        return Prefix.from_text(model, tok, section.init_text, section.length, section.kind, **kw)
+    return Prefix.for_model(model, section.length, section.kind, generator=torch.Generator().manual_seed(seed), **kw)
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -171,12 +179,8 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
     if cfg.prefix.from_dir:
         prefix = load_prefix(cfg.prefix.from_dir, model)
         log(f"prefix loaded from {cfg.prefix.from_dir} ({prefix.kind}, length {prefix.length})")
-    elif cfg.prefix.init == "text":
-        prefix = Prefix.from_text(model, tok, cfg.prefix.init_text, cfg.prefix.length, cfg.prefix.kind,
-                                  mlp_hidden=cfg.prefix.mlp_hidden)
     else:
-        prefix = Prefix.for_model(model, cfg.prefix.length, cfg.prefix.kind, mlp_hidden=cfg.prefix.mlp_hidden,
-                                  generator=torch.Generator().manual_seed(cfg.seed))
+        prefix = initial_prefix(cfg.prefix, model, tok, cfg.seed)
 
     def held_out_eval(name: str, key: str, with_prefix) -> dict | None:
         """Reward (and KL) on the held-out prompts, cached in a stage marker."""
