@@ -14,6 +14,7 @@ from common import RESULTS, ROOT
 
 STEPS = [
     ["benchmarks/warmstart_vs_peft.py"],
+    ["benchmarks/prefix_kinds.py"],
     ["benchmarks/ppo_vs_trl.py", "--batch", "16", "--tokens", "32", "--steps", "4"],
     ["benchmarks/sentiment_demo.py"],
     ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo"],
@@ -37,6 +38,14 @@ def render() -> str:
                 f"SmolLM2-135M-Instruct, {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, prefix length "
                 f"{s['length']}, MLP hidden {s['hidden']}, same micro-batches and schedule; "
                 f"`{ws['command']}`", "", ws["table_md"]]
+    pk = load("prefix_kinds")
+    if pk:
+        m = m or pk["machine"]
+        s = pk["settings"]
+        out += ["## Prefix parameterisations: kv vs mlp vs shared (same warm start)", "",
+                f"{s['model']}, prefix length {s['length']}, init {s['init']}, {s['steps']} steps, batch "
+                f"{s['batch_size']}, lr {s['lr']}, same micro-batches and eval split; `{pk['command']}`", "",
+                pk["table_md"]]
     for key in sorted(p.stem for p in RESULTS.glob("ppo_vs_trl_*.json")):
         r = load(key)
         m = m or r["machine"]

@@ -15,6 +15,7 @@ from pathlib import Path
 EPILOG = """examples:
   rlprefix run configs/quickstart.yaml
   rlprefix run configs/sentiment.yaml ppo.steps=50 output_dir=runs/s50
+  rlprefix sweep configs/quickstart.yaml --lengths 5 10 20 50 --steps 20
   rlprefix generate --prefix runs/quickstart/prefix_compressed --prompt "Write a one-sentence review of a motel."
   rlprefix eval --prefix runs/quickstart/prefix_ppo --prompts examples/data/review_prompts_heldout.jsonl --reward sentiment
   rlprefix compress runs/quickstart/prefix_ppo --out runs/c8 --rank 8
@@ -62,6 +63,21 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run(cfg)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .config import load_config
+    from .sweep import check_lengths, sweep_lengths
+
+    lengths = check_lengths(args.lengths, "--lengths")  # before the config and the model are loaded
+    cfg = load_config(args.config, args.overrides)
+    result = sweep_lengths(cfg, lengths, steps=args.steps, out_dir=args.out)
+    print()
+    print(result.table_md())
+    print(f"wrote {result.out_dir / 'sweep.md'}, sweep.json and sweep.png")
+    print(f"chosen length: {result.chosen_length}  (run it: rlprefix run "
+          f"{' '.join([args.config, *args.overrides])} prefix.length={result.chosen_length})")
     return 0
 
 
@@ -226,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config file (see configs/)")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.steps=50 reward.name=sentiment")
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("sweep", help="choose the prefix length: a short warm start per length, lowest validation "
+                                     "perplexity wins",
+                       description="For each of --lengths, run the config's warm start (prefix.length overridden, "
+                                   "--steps steps) and record the best eval loss and its perplexity; write a table "
+                                   "(sweep.md, sweep.json) and a plot (sweep.png), and print the chosen length: "
+                                   "the lowest perplexity, the shorter one on a tie.")
+    w.add_argument("config", help="YAML config file (its model, prefix and warm_start sections are used)")
+    w.add_argument("overrides", nargs="*", help="key.sub=value overrides (before --lengths), e.g. warm_start.lr=3e-3")
+    w.add_argument("--lengths", nargs="+", type=int, required=True, metavar="N", help="prefix lengths to try (>= 1)")
+    w.add_argument("--steps", type=_positive_int, help="warm-start steps per length (default: warm_start.steps)")
+    w.add_argument("--out", help="output directory (default: OUTPUT_DIR/length_sweep)")
+    w.set_defaults(func=cmd_sweep)
 
     g = sub.add_parser("generate", help="sample completions with a saved prefix (or none)")
     g.add_argument("--prefix", help="prefix directory (manifest.json + prefix.safetensors)")

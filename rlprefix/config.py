@@ -33,10 +33,12 @@ class ModelSection(Settings):
 class PrefixSection(Settings):
     section = "prefix"
     length: int = setting(10, "virtual tokens", at_least(1))
-    kind: Literal["mlp", "kv", "prompt"] = setting("mlp", "the parameterisation trained in the warm start")
+    kind: Literal["mlp", "kv", "prompt", "shared"] = setting("mlp", "the parameterisation trained in the warm start")
     init: Literal["random", "text"] = setting("text", "start from init_text's K/V or at random")
     init_text: str = setting("Write a warm, friendly and positive reply.", "text whose K/V start the prefix")
     mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation", POSITIVE)
+    shared_dim: int | None = setting(None, "width d of the shared matrix [length, d] of kind shared (null: "
+                                     "ceil(length / 4))", at_least(1))
     from_dir: str | None = setting(None, "start from a saved prefix instead of initialising one")
 
 

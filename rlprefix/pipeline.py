@@ -144,6 +144,19 @@ def plain_kv(prefix, model):
     return prefix if prefix.kind == "kv" else prefix.merge(model)
 
 
+def new_prefix(section, model, tok, seed: int) -> Prefix:
+    """A fresh prefix as the config's `prefix` section describes it (text or random init, any kind)."""
+    kw = dict(mlp_hidden=section.mlp_hidden, shared_dim=section.shared_dim)
+    if section.init == "text":
+        return Prefix.from_text(model, tok, section.init_text, section.length, section.kind, **kw)
+    return Prefix.for_model(model, section.length, section.kind, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _prefix_fields(section) -> dict:
+    """The prefix section as a stage key; shared_dim only when set, so keys of runs from before it are kept."""
+    return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)}
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -155,7 +168,7 @@ def stage_keys(cfg: RunConfig, eval_kw: dict) -> dict:
     data = {"ws_data": content_hash(cfg.warm_start.data), "ws_eval": content_hash(cfg.warm_start.eval_data),
             "prompts": content_hash(cfg.ppo.prompts)}
     eval_hash = data["prompts"] if eval_prompts == cfg.ppo.prompts else content_hash(eval_prompts)
-    prefix = _key(asdict(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
+    prefix = _key(_prefix_fields(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
     ws = _key(prefix, asdict(cfg.warm_start), data["ws_data"], data["ws_eval"])
     ppo = _key(ws if cfg.warm_start.enabled else prefix, asdict(cfg.ppo), cfg.reward, data["prompts"])
     base = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw, eval_hash, cfg.ppo.on_reward_error,
@@ -268,10 +281,7 @@ def initial_prefix(r: Run):
         prefix = load_prefix(p.from_dir, r.model)
         r.log(f"prefix loaded from {p.from_dir} ({prefix.kind}, length {prefix.length})")
         return prefix
-    if p.init == "text":
-        return Prefix.from_text(r.model, r.tok, p.init_text, p.length, p.kind, mlp_hidden=p.mlp_hidden)
-    return Prefix.for_model(r.model, p.length, p.kind, mlp_hidden=p.mlp_hidden,
-                            generator=torch.Generator().manual_seed(r.cfg.seed))
+    return new_prefix(p, r.model, r.tok, r.cfg.seed)
 
 
 def held_out_eval(r: Run, name: str, prefix) -> dict | None:
