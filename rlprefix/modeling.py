@@ -160,12 +160,29 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device = "cpu"):
-    """Load (model, tokenizer), frozen, from the default alias, a .gguf file, a local dir or a hub id."""
+               device: str | torch.device = "cpu", *, distributed=None, dist=None):
+    """Load (model, tokenizer), frozen, from the default alias, a .gguf file, a local dir or a hub id.
+
+    `distributed`: "replicate" (default: this process holds the whole model), "fsdp" (this process holds a
+    shard of it; see rlprefix.sharding), or a `DistributedConfig`. `dist`: the processes (default: the process
+    group this one belongs to, if any). With several processes, process 0 prepares a GGUF checkpoint first.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .distributed import Dist
+    from .sharding import load_sharded, strategy_of
+
+    settings = strategy_of(distributed)
+    dist = dist or Dist()
+    if dist.world_size > 1 and not dist.is_main:
+        dist.barrier()  # wait for process 0 to materialise a GGUF checkpoint into the cache (once, not N times)
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    if dist.world_size > 1 and dist.is_main:
+        dist.barrier()
+    if settings.resolved_strategy() == "fsdp" and dist.enabled:
+        model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path
-    return freeze(model.to(device)), prepare_tokenizer(tokenizer)
+    return freeze(model), prepare_tokenizer(tokenizer)
