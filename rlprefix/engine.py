@@ -29,6 +29,7 @@ import weakref
 import torch
 from transformers import StaticCache
 
+from . import sharding
 from .generation import Rollout, encode_prompts, eos_ids, filter_logits
 from .modeling import kv_spec
 from .runtime import model_dtype, position_ids, prefix_kv
@@ -240,6 +241,7 @@ def bucket(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # the engine
 
+@sharding.decode_loop
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
            bank: PrefixBank | None = None, prefix_index: torch.Tensor | None = None, kv: torch.Tensor | None = None,
@@ -255,7 +257,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     averaged, one token is sampled per run and the Rollout has one row per run (prompt ensembling).
     `force_tokens` [B/k, T]: teacher forcing; the given tokens are fed instead of sampled ones (their policy
     log-probs are recorded), which scores a completion along the exact path of the decode loop.
-    `compile` (default: on CUDA) runs the decode step under CUDA graphs.
+    `compile` (default: on CUDA, unless the model is sharded) runs the decode step under CUDA graphs.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
@@ -271,7 +273,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     out_rows = rows // groups
     bank, index = _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows)
     seeds = _row_seeds(row_seeds, out_rows, generator, device) if do_sample and force_tokens is None else None
-    compile = device.type == "cuda" if compile is None else compile
+    compile = device.type == "cuda" and not sharding.is_sharded(model) if compile is None else compile
 
     batch = bucket(rows) if compile else rows  # padded rows: empty prompts, no prefix, finished from the start
     plen = torch.tensor([bank.lengths[i] if i >= 0 else 0 for i in index.tolist()] if bank else [0] * rows,
@@ -325,7 +327,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if hidden is not None:
             hidden[:, t] = h.view(out_rows, groups, -1)[:, 0]
         done = done | torch.isin(nxt, stop)
-        if t + 1 == steps or ((t + 1) % stop_check_every == 0 and bool(done.all())):
+        # (sharded model: every process decodes until all processes' rows are finished)
+        if t + 1 == steps or ((t + 1) % stop_check_every == 0 and sharding.agree_all(model, bool(done.all()))):
             break
         ids = nxt.repeat_interleave(groups)
         if batch > rows:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sharding
 from .artifacts import register_kind, save_prefix
 from .data import load_records
 from .evaluate import evaluate_reward
@@ -212,7 +213,8 @@ def next_token_kl(model, tokenizer, full, compressed, prompts, *, chat=None, sys
         kl = (lp.exp() * (lp - lq)).sum(-1)
         m = roll.completion_mask.float()
         total, count = total + (kl * m).sum().item(), count + m.sum().item()
-    return total / max(count, 1)
+    # a sharded model's processes compute this alike; the mean makes the choice of rank identical everywhere
+    return sharding.agree_mean(model, total / max(count, 1))
 
 
 def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *, base_reward: float | None = None,
