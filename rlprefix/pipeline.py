@@ -31,6 +31,7 @@ from .modeling import load_model
 from .peft_export import export_peft
 from .preflight import preflight
 from .prefix import Prefix
+from .sharding import is_sharded
 from .rl import PPOConfig
 from .warmstart import WarmStartConfig
 
@@ -154,9 +155,10 @@ def _run(cfg: RunConfig, log, dist, out: Path) -> dict:
     device = _device(cfg.model.device)
     if dist.world_size > 1 and device == "cuda":
         device = f"cuda:{dist.rank % torch.cuda.device_count()}"
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, device, distributed=cfg.distributed, dist=dist)
     timings["load_model"] = time.perf_counter() - t
-    log(f"model {cfg.model.name} on {device}: loaded in {timings['load_model']:.1f}s")
+    held = " (sharded over processes, FSDP)" if is_sharded(model) else ""
+    log(f"model {cfg.model.name} on {device}{held}: loaded in {timings['load_model']:.1f}s")
     raw_reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
     # evaluations score raw rewards with the run's error policy; PPO wraps raw_reward with its own clip/normalise
     reward = Scorer(raw_reward, on_error=cfg.ppo.on_reward_error, penalty=cfg.ppo.reward_penalty)

@@ -43,6 +43,7 @@ from .evaluate import evaluate_reward
 from . import engine
 from .generation import Rollout, encode_prompts
 from .guards import assert_finite
+from .sharding import is_sharded
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import entropy_of, score_completions
@@ -307,6 +308,8 @@ def ppo_update(model, prefix: Prefix, value_head: ValueHead | None, opt, param_g
         for mb in shard.minibatches(step, epoch):
             mb = mb.to(batch.mask.device)
             m = batch.mask[mb]
+            if not len(mb) and is_sharded(model):  # FSDP: every process runs the forward and backward; this one
+                mb, m = mb.new_zeros(1), m.new_zeros(1, m.shape[1])  # on a row whose weight is zero
             n_tokens = max(dist.sum(m.sum().item()), 1.0)
 
             def token_mean(x):  # sum over this process's tokens / tokens of the whole (global) minibatch

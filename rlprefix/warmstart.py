@@ -23,6 +23,7 @@ from .checkpoint import (load_module_tensors, load_optimizer_state, load_rng_sta
 from .data import SFTExample, collate_sft, load_records, tokenize_sft
 from .distributed import Dist
 from .guards import assert_finite
+from .sharding import local_rows, padding_starts
 from .metrics import MetricLogger, plot_metrics
 from .prefix import Prefix
 from .runtime import forward
@@ -105,8 +106,9 @@ def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_
     if dist is not None and dist.world_size > 1:
         examples = examples[dist.rank::dist.world_size]
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        nll, n = completion_nll(model, prefix, collate_sft(examples[i:i + batch_size], pad_id), precision)
+    for i in padding_starts(model, dist, len(examples), batch_size):  # FSDP: None, a batch that counts nothing
+        batch = examples[i:i + batch_size] if i is not None else [SFTExample([pad_id], [-100])]
+        nll, n = completion_nll(model, prefix, collate_sft(batch, pad_id), precision)
         total, count = total + nll.item(), count + n
     if dist is not None:
         total, count = dist.sum(total), dist.sum(count)
@@ -201,7 +203,7 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
             batches.append(collate_sft([train[i] for i in order[start:start + cfg.batch_size]], pad_id))
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         if dist.world_size > 1:  # this process's share of every micro-batch
-            batches = [{k: v[dist.rank::dist.world_size] for k, v in b.items()} for b in batches]
+            batches = [local_rows(model, b, dist) for b in batches]  # FSDP: never empty (all labels ignored)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for b in batches:
