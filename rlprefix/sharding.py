@@ -68,8 +68,11 @@ def shard(model: nn.Module, dist: Dist | None = None, *, decode: str = "reshard"
 
     Parameters may be real or on the meta device (then `to_empty` and load, see `load_sharded`). With a single
     process (no process group) there is nothing to shard across and the model is returned as it is."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # FSDP2's public API arrived in torch 2.6
+        raise RuntimeError(f"distributed.strategy: fsdp needs torch >= 2.6 (fully_shard); this is {torch.__version__}") from e
 
     dist = dist or Dist()
     if decode not in ("reshard", "resident"):

@@ -1,6 +1,8 @@
 """Worker for tests/test_fsdp.py: one run on the tiny model, 1 process (replicated) or N processes (FSDP).
 
-    fsdp_worker.py STAGE OUT STRATEGY      STAGE: ppo | ppo_gae | warm_start | eval | load
+    fsdp_worker.py STAGE OUT STRATEGY      STAGE: ppo | ppo_gae | ppo_resident | warm_start | eval | load
+
+(ppo_resident: ppo with `fsdp_decode: resident`.)
 
 Writes OUT/result{rank}/prefix.safetensors (the final prefix) and info.json (per-step prefix hashes, history,
 the bytes of the base parameters this process holds).
@@ -41,10 +43,25 @@ def gathered_copies_freed(model) -> bool:
     return True
 
 
+def count_all_gathers() -> list[int]:
+    """Count FSDP's parameter all-gathers (patches a private FSDP2 function; tests only)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+
+    count, original = [0], group_module.foreach_all_gather
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    group_module.foreach_all_gather = counted
+    return count
+
+
 def load_check(out: Path, dist: Dist) -> dict:
     """load_model(..., distributed='fsdp') from disk, both loading paths, tied and untied heads: the logits of
     the sharded model equal those of the whole model on every process."""
     info = {}
+    tok = tiny_tokenizer()
     ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
     for arch in ("llama", "llama-mqa", "gpt2"):
         path = out / f"model-{arch}"
@@ -58,7 +75,10 @@ def load_check(out: Path, dist: Dist) -> dict:
 
             model = load_sharded(str(path), torch.float32, "cpu", dist, method=method)
             got = model(input_ids=ids).logits
+            # a prompt-tuning prefix reads the embedding table directly (gathered for the call)
+            embeds = [Prefix.from_text(m, tok, "good review", 3, "prompt").embeds for m in (model, whole)]
             info[f"{arch}/{method}"] = {"max_abs_diff": (got - want).abs().max().item(),
+                                        "embeds_diff": (embeds[0] - embeds[1]).abs().max().item(),
                                         "local_bytes": local_parameter_bytes(model),
                                         "full_bytes": local_parameter_bytes(whole),
                                         "eos": model.generation_config.eos_token_id,
@@ -66,8 +86,9 @@ def load_check(out: Path, dist: Dist) -> dict:
     return info
 
 
-def main(stage: str, out: str, strategy: str, decode: str = "reshard"):
+def main(stage: str, out: str, strategy: str):
     torch.set_num_threads(1)
+    decode = "resident" if stage == "ppo_resident" else "reshard"
     dist = Dist.from_env()
     out = Path(out)
     rank_dir = out / f"rank{dist.rank}"
@@ -76,9 +97,11 @@ def main(stage: str, out: str, strategy: str, decode: str = "reshard"):
         return
     model, tok = tiny_model("llama", sharpen=4.0), tiny_tokenizer()
     full_bytes = local_parameter_bytes(model)
+    all_gathers = [0]
     if strategy == "fsdp":
         shard(model, dist, decode=decode)
         assert is_sharded(model)
+        all_gathers = count_all_gathers()
     prefix = Prefix.for_model(model, 4, "mlp" if stage == "warm_start" else "kv", mlp_hidden=16,
                               generator=torch.Generator().manual_seed(3))
     hashes, history = [], []
@@ -113,7 +136,7 @@ def main(stage: str, out: str, strategy: str, decode: str = "reshard"):
     atomic_save_tensors(scratch / "prefix.safetensors", {k: v.contiguous() for k, v in final.items()})
     atomic_write_json(scratch / "info.json", {
         "hashes": hashes, "world_size": dist.world_size, "local_bytes": local_parameter_bytes(model),
-        "full_bytes": full_bytes, "freed": gathered_copies_freed(model) if is_sharded(model) else None,
+        "full_bytes": full_bytes, "all_gathers": all_gathers[0], "freed": gathered_copies_freed(model) if is_sharded(model) else None,
         "history": [{k: v for k, v in h.items() if not k.startswith("time")} for h in history]})
 
 

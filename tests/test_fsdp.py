@@ -36,13 +36,23 @@ def result(out: Path, rank: int):
     return tensors, json.loads((path / "info.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["ppo", "ppo_gae", "warm_start", "eval"])
+DONE: dict[str, Path] = {}  # stage -> base directory of its runs in this session
+
+
+def stage_runs(stage: str, tmp_path_factory) -> Path:
+    """The 1-process (replicate) and 2-process (fsdp) runs of one worker stage, made once per session."""
+    if stage not in DONE:
+        pytest.importorskip("accelerate")
+        base = tmp_path_factory.mktemp(stage)
+        run([sys.executable, WORKER, stage, str(base / "one"), "replicate"])
+        run(accelerate_cmd(2) + [WORKER, stage, str(base / "two"), "fsdp"])
+        DONE[stage] = base
+    return DONE[stage]
+
+
+@pytest.fixture(scope="module", params=["ppo", "ppo_gae", "ppo_resident", "warm_start", "eval"])
 def runs(request, tmp_path_factory):
-    pytest.importorskip("accelerate")
-    base = tmp_path_factory.mktemp(request.param)
-    run([sys.executable, WORKER, request.param, str(base / "one"), "replicate"])
-    run(accelerate_cmd(2) + [WORKER, request.param, str(base / "two"), "fsdp"])
-    return request.param, base
+    return request.param, stage_runs(request.param, tmp_path_factory)
 
 
 def test_fsdp_two_processes_match_one(runs):
@@ -53,7 +63,7 @@ def test_fsdp_two_processes_match_one(runs):
     assert single.keys() == double.keys()
     for k in single:
         assert torch.allclose(single[k], double[k], atol=1e-5, rtol=0), (k, (single[k] - double[k]).abs().max())
-    key = {"ppo": "reward/mean", "ppo_gae": "reward/mean", "warm_start": "loss", "eval": "mean"}[stage]
+    key = "loss" if stage == "warm_start" else "mean" if stage == "eval" else "reward/mean"
     assert [h[key] for h in info1["history"]] == pytest.approx([h[key] for h in info2["history"]], abs=1e-5)
     if stage == "warm_start":
         assert [h.get("eval_loss") for h in info1["history"]] == pytest.approx(
@@ -78,9 +88,17 @@ def test_fsdp_each_rank_holds_half_the_base(runs):
     for rank in (0, 1):
         _, info = result(base / "two", rank)
         assert info["local_bytes"] == pytest.approx(info["full_bytes"] / 2, rel=0.02)
-        assert info["freed"] is True  # no all-gathered copy left behind after the run
+        assert info["freed"] is True  # no all-gathered copy left behind (resident decode: once the loop ends)
     _, single = result(base / "one", 0)
     assert single["local_bytes"] == single["full_bytes"]
+
+
+def test_fsdp_resident_decode_gathers_less(tmp_path_factory):
+    """fsdp_decode: resident gathers each layer once per decode loop instead of once per token (same results:
+    test_fsdp_two_processes_match_one[ppo_resident])."""
+    _, resident = result(stage_runs("ppo_resident", tmp_path_factory) / "two", 0)
+    _, reshard = result(stage_runs("ppo", tmp_path_factory) / "two", 0)
+    assert 0 < resident["all_gathers"] < reshard["all_gathers"]
 
 
 def test_fsdp_loading_reads_only_the_shards(tmp_path):
@@ -91,7 +109,7 @@ def test_fsdp_loading_reads_only_the_shards(tmp_path):
         _, info = result(tmp_path, rank)
         assert len(info["load"]) == 6
         for name, r in info["load"].items():
-            assert r["max_abs_diff"] == 0.0, name
+            assert r["max_abs_diff"] == 0.0 and r["embeds_diff"] == 0.0, name
             assert r["local_bytes"] == pytest.approx(r["full_bytes"] / 2, rel=0.02), name
             assert r["eos"] == 1 and r["freed"], name
 
