@@ -126,7 +126,15 @@ def main(stage: str, out: str, strategy: str):
         final, history = res.prefix.state_dict(), res.history
     elif stage == "eval":
         # 5 rows over 2 processes, 1 row per batch and prefix: one process runs a batch more than the other
-        results = evaluate_reward(model, tok, [None, prefix], PROMPTS[:5], token_reward, batch_size=2,
+        # and a reward that runs the (sharded) model itself, as `fluency` does: it must run in step too
+        from rewards.builtin import Fluency
+
+        fluency = Fluency(model, tok)
+
+        def reward(prompts, completions, **kw):
+            return [a + 0.1 * b for a, b in zip(token_reward(prompts, completions), fluency.score(prompts, completions))]
+
+        results = evaluate_reward(model, tok, [None, prefix], PROMPTS[:5], reward, batch_size=2,
                                   max_new_tokens=5, dist=dist)
         final = prefix.state_dict()
         history = [{"mean": r.mean, "kl": r.kl, "rewards": r.rewards} for r in results]
