@@ -165,7 +165,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
 
     `distributed`: "replicate" (default: this process holds the whole model), "fsdp" (this process holds a
     shard of it; see rlprefix.sharding), or a `DistributedConfig`. `dist`: the processes (default: the process
-    group this one belongs to, if any). With several processes, process 0 prepares a GGUF checkpoint first.
+    group this one belongs to; with fsdp, joined as `Dist.from_env` does when the launcher started several).
+    With several processes, process 0 prepares a GGUF checkpoint first. Pass the same `dist` to warm_start/ppo.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,13 +174,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     from .sharding import load_sharded, strategy_of
 
     settings = strategy_of(distributed)
-    dist = dist or Dist()
+    fsdp = settings.resolved_strategy() == "fsdp"
+    dist = dist or (Dist.from_env() if fsdp else Dist())  # sharding needs the process group: join it
     if dist.world_size > 1 and not dist.is_main:
         dist.barrier()  # wait for process 0 to materialise a GGUF checkpoint into the cache (once, not N times)
     path = resolve_model_path(name_or_path)
     if dist.world_size > 1 and dist.is_main:
         dist.barrier()
-    if settings.resolved_strategy() == "fsdp" and dist.enabled:
+    if fsdp and dist.enabled:
         model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)

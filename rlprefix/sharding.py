@@ -274,7 +274,7 @@ def _load_slices(model, files: list[Path], dist: Dist) -> bool:
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {k: h for h in handles for k in h.keys()}
     plan = []
-    for p_id, names in _names(model).items():
+    for names in _names(model).values():
         key = next((c for n in names for c in _candidates(model, n) if c in where), None)
         plan.append((names[0], key))
     persistent = [n for n in _persistent_buffers(model) if n in where]
