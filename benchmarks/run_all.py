@@ -19,6 +19,7 @@ STEPS = [
     ["benchmarks/sentiment_demo.py"],
     ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo"],
     ["benchmarks/distributed_overhead.py"],
+    ["benchmarks/fsdp_overhead.py"],
 ]
 
 
@@ -77,6 +78,11 @@ def render() -> str:
         out += ["## Data-parallel overhead (CPU, gloo)", "",
                 f"PPO on the real default model, same global batch; `{dd['command']}`. Multi-GPU scaling was not "
                 "measured: no multi-GPU machine was available.", "", dd["table_md"]]
+    fo = load("fsdp_overhead")
+    if fo:
+        out += ["## Sharded base (FSDP2) vs replicated: per-step cost and memory (CPU, gloo)", "",
+                f"PPO on the real default model, same global batch, {fo['settings']['threads']} threads in all; "
+                f"`{fo['command']}`. Memory columns: the largest value over a run's processes.", "", fo["table_md"]]
     if m:
         out += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, threads {m['torch_threads']}, "
                     f"GPU: {m['cuda'] or 'none'}; commit {m['commit']}."]

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .distributed import DistributedConfig
 from .modeling import DEFAULT_MODEL
 from .settings import (NONNEG, POSITIVE, UNIT, Check, ConfigError, Settings, at_least, describe, each_of,
                        setting, type_hints)
@@ -107,6 +108,8 @@ class RunConfig(Settings):
     compress: CompressSection = setting(help="stage 3: low-rank compression", default_factory=CompressSection)
     export: ExportSection = setting(help="what is written at the end", default_factory=ExportSection)
     logging: LoggingSection = setting(help="metrics and progress", default_factory=LoggingSection)
+    distributed: DistributedConfig = setting(help="several processes (accelerate launch): how they hold the "
+                                             "frozen model", default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from transformers import StaticCache
 
+from . import sharding
 from .generation import Rollout, encode_prompts, eos_ids, filter_logits
 from .modeling import kv_spec
 from .runtime import model_dtype, position_ids, prefix_kv
@@ -252,6 +253,7 @@ def bucket(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # the engine
 
+@sharding.decode_loop
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
            bank: PrefixBank | None = None, prefix_index: torch.Tensor | None = None, kv: torch.Tensor | None = None,
@@ -267,7 +269,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     averaged, one token is sampled per run and the Rollout has one row per run (prompt ensembling).
     `force_tokens` [B/k, T]: teacher forcing; the given tokens are fed instead of sampled ones (their policy
     log-probs are recorded), which scores a completion along the exact path of the decode loop.
-    `compile` (default: on CUDA) runs the decode step under CUDA graphs.
+    `compile` (default: on CUDA, unless the model is sharded) runs the decode step under CUDA graphs.
     `on_step(t, tokens, alive)`: called after decode step t with that step's tokens and alive mask ([B/k] device
     tensors, one per output row; finished rows hold the pad token and 0); it may return a bool tensor or list [B/k]
     of rows to finish now (cancelled: no more tokens, mask 0 from step t + 1). See `StepHook`.
@@ -286,7 +288,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     out_rows = rows // groups
     bank, index = _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows)
     seeds = _row_seeds(row_seeds, out_rows, generator, device) if do_sample and force_tokens is None else None
-    compile = device.type == "cuda" if compile is None else compile
+    compile = device.type == "cuda" and not sharding.is_sharded(model) if compile is None else compile
 
     batch = bucket(rows) if compile else rows  # padded rows: empty prompts, no prefix, finished from the start
     plen = torch.tensor([bank.lengths[i] if i >= 0 else 0 for i in index.tolist()] if bank else [0] * rows,
@@ -355,15 +357,15 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                 check = True
         if t + 1 == steps:
             break
-        if check:
+        if check:  # (sharded model: every process decodes until all processes' rows are finished)
             if on_step is None:
-                if bool(done.all()):
+                if sharding.agree_all(model, bool(done.all())):
                     break
             else:
                 finished = int(done.sum())
-                if finished == done.shape[0]:
+                if sharding.agree_all(model, finished == done.shape[0]):
                     break
-                if finished and not compile:  # free the finished rows' share of every later step
+                if finished and finished < done.shape[0] and not compile:  # free the finished rows' share of every later step
                     keep = (~done).nonzero().squeeze(1)
                     live = keep if live is None else live[keep]
                     pos, key_valid, done, seeds, nxt = _compact(cache, keep, groups, pos, key_valid, done, seeds, nxt)

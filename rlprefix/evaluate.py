@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sharding
 from .data import load_records, require_columns
 from .engine import PrefixBank, sample
 from .generation import encode_prompts
@@ -66,7 +67,10 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     bank, slots = _bank(model, named)
     per = max(1, batch_size // len(keys))
     acc = {k: ([], [], []) for k in keys}  # rewards, texts, kls
-    for i in range(0, len(rows), per):
+    for i in sharding.padding_starts(model, dist, len(rows), per):
+        if i is None:  # sharded model, this process is out of rows: sample and score one throwaway row
+            _throwaway(model, tokenizer, ds[0], scorer, bank, slots, keys, chat, system, max_new_tokens, temperature)
+            continue
         chunk = rows[i:i + per]
         p = [r["prompt"] for r in chunk]
         cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
@@ -89,6 +93,20 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     if isinstance(prefix, list):
         return [results[k] for k in keys]
     return results[0]
+
+
+def _throwaway(model, tokenizer, row, scorer, bank, slots, keys, chat, system, max_new_tokens, temperature) -> None:
+    """The work of one batch, results discarded: keeps a sharded model's collectives in step (a reward that runs
+    the model, such as `fluency`, is called as often as on the other processes)."""
+    ids, mask = encode_prompts(tokenizer, [row["prompt"]], chat, system, device=model.device)
+    index = torch.tensor([slots[k] for k in keys])
+    roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), bank=bank,
+                  prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
+                  temperature=temperature, row_seeds=[0] * len(keys))
+    _kl_to_base(model, roll, index, temperature)
+    cols = {k: [v] for k, v in row.items() if k != "prompt"}
+    for text in roll.texts:
+        scorer([row["prompt"]], [text], **cols)
 
 
 def _bank(model, named: dict):

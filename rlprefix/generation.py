@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sharding
 from .runtime import build_cache, logprobs_of, position_ids, prefix_kv
 
 
@@ -80,6 +81,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+@sharding.decode_loop
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
            max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
@@ -138,7 +140,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         tokens.append(nxt)
         logps.append(torch.where(done, torch.zeros_like(lp), lp))
         done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
+        if sharding.agree_all(model, bool(done.all())):  # sharded: until every process's rows are finished
             break
         inputs = nxt.unsqueeze(1)
         attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)

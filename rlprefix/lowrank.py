@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import sharding
 from .artifacts import register_kind, save_prefix
 from .modeling import KVSpec, resolve_dtype
 from .prefix import Prefix

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .distributed import Dist
 from .io import honour_umask
+from .sharding import load_sharded, strategy_of
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _ALIASES = {
@@ -159,10 +161,26 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device = "cpu"):
-    """Load (model, tokenizer), frozen, from the default alias, a .gguf file, a local dir or a hub id."""
+               device: str | torch.device = "cpu", *, distributed=None, dist=None):
+    """Load (model, tokenizer), frozen, from the default alias, a .gguf file, a local dir or a hub id.
+
+    `distributed`: "replicate" (default: this process holds the whole model), "fsdp" (this process holds a
+    shard of it; see rlprefix.sharding), or a `DistributedConfig`. `dist`: the processes (default: the process
+    group this one belongs to; with fsdp, joined as `Dist.from_env` does when the launcher started several).
+    With several processes, process 0 prepares a GGUF checkpoint first. Pass the same `dist` to warm_start/ppo.
+    """
+    settings = strategy_of(distributed)
+    fsdp = settings.resolved_strategy() == "fsdp"
+    dist = dist or (Dist.from_env() if fsdp else Dist())  # sharding needs the process group: join it
+    if dist.world_size > 1 and not dist.is_main:
+        dist.barrier()  # wait for process 0 to materialise a GGUF checkpoint into the cache (once, not N times)
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    if dist.world_size > 1 and dist.is_main:
+        dist.barrier()
+    if fsdp and dist.enabled:
+        model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path
-    return freeze(model.to(device)), prepare_tokenizer(tokenizer)
+    return freeze(model), prepare_tokenizer(tokenizer)

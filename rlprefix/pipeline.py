@@ -33,6 +33,7 @@ from .preflight import preflight
 from .prefix import Prefix
 from .scorer import Scorer
 from .seeds import derive_seed
+from .sharding import is_sharded
 from .stage_run import NOT_IN_HASH
 from .stages import ppo as ppo_stage, warm_start as warm_start_stage
 from .stages.compress import compress_to_budget, fidelity_report
@@ -214,9 +215,10 @@ def setup(cfg: RunConfig, log, dist: Dist, out: Path) -> Run:
     device = _device(cfg.model.device)
     if dist.world_size > 1 and device == "cuda":
         device = f"cuda:{dist.rank % torch.cuda.device_count()}"
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, device, distributed=cfg.distributed, dist=dist)
     seconds = {"load_model": time.perf_counter() - t}
-    log(f"model {cfg.model.name} on {device}: loaded in {seconds['load_model']:.1f}s")
+    held = " (sharded over processes, FSDP)" if is_sharded(model) else ""
+    log(f"model {cfg.model.name} on {device}{held}: loaded in {seconds['load_model']:.1f}s")
     raw_reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
     reward = Scorer(raw_reward, on_error=cfg.ppo.on_reward_error, penalty=cfg.ppo.reward_penalty)
     summary = {"model": cfg.model.name, "reward": cfg.reward, "output_dir": str(out)}

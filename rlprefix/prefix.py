@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import sharding
 from .artifacts import load_prefix, register_kind, save_prefix
 from .modeling import KVSpec, kv_spec
 from .runtime import cache_to_kv, text_kv
@@ -98,7 +99,8 @@ class Prefix(nn.Module):
         spec = kv_spec(model)
         if kind == "prompt":
             prefix = cls(spec, length, "prompt", **kw)
-            prefix.embeds.data.copy_(model.get_input_embeddings()(ids)[0].float())
+            with sharding.gathered(model):  # a sharded model's embedding table is gathered for this direct call
+                prefix.embeds.data.copy_(model.get_input_embeddings()(ids)[0].float())
             return prefix
         return cls(spec, length, kind, init_kv=text_kv(model, ids[0].tolist()), init_ids=ids[0].tolist(), **kw)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from . import sharding
 from .modeling import KVSpec, kv_spec
 
 
@@ -134,10 +135,11 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
     rows = prompt_ids.shape[0]
-    if share_prompts and rows > 1:
+    if share_prompts:
         keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        if unique.shape[0] < rows:
+        # a sharded model runs the same forwards on every process: all share prompts (2 forwards) or none do
+        if sharding.agree_any(model, unique.shape[0] < rows):
             first = torch.full((unique.shape[0],), rows, dtype=torch.long, device=inverse.device)
             first = first.scatter_reduce(0, inverse, torch.arange(rows, device=inverse.device), "amin")
             return _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv,

@@ -15,6 +15,7 @@ from ..evaluate import evaluate_reward
 from ..generation import encode_prompts, sample
 from ..lowrank import CompressedPrefix, Scope, compress, reconstruction_error
 from ..runtime import score_completions
+from .. import sharding
 
 
 @torch.no_grad()
@@ -35,7 +36,8 @@ def next_token_kl(model, tokenizer, full, compressed, prompts, *, chat=None, sys
         kl = (lp.exp() * (lp - lq)).sum(-1)
         m = roll.completion_mask.float()
         total, count = total + (kl * m).sum().item(), count + m.sum().item()
-    return total / max(count, 1)
+    # a sharded model's processes compute this alike; the mean makes the choice of rank identical everywhere
+    return sharding.agree_mean(model, total / max(count, 1))
 
 
 def fidelity_report(model, tokenizer, full, compressed, prompts, reward=None, *, base_reward: float | None = None,

@@ -41,6 +41,7 @@ from ..prefix import Prefix
 from ..runtime import entropy_of, score_completions
 from ..scorer import Scorer
 from ..seeds import derive_seed
+from ..sharding import is_sharded
 from ..settings import (CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of,
                        setting)
 from ..stage_run import Laps, StageRun, config_hash
@@ -308,6 +309,8 @@ def ppo_update(model, prefix: Prefix, value_head: ValueHead | None, opt, param_g
         for mb in shard.minibatches(step, epoch):
             mb = mb.to(batch.mask.device)
             m = batch.mask[mb]
+            if not len(mb) and is_sharded(model):  # FSDP: every process runs the forward and backward; this one
+                mb, m = mb.new_zeros(1), m.new_zeros(1, m.shape[1])  # on a row whose weight is zero
             n_tokens = max(dist.sum(m.sum().item()), 1.0)
 
             def token_mean(x):  # sum over this process's tokens / tokens of the whole (global) minibatch

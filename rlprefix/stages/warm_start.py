@@ -23,6 +23,7 @@ from ..prefix import Prefix
 from ..runtime import forward
 from ..schedule import lr_at
 from ..seeds import derive_seed
+from ..sharding import local_rows, padding_starts
 from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
 from ..stage_run import Laps, StageRun, config_hash
 
@@ -102,8 +103,9 @@ def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_
     if dist is not None and dist.world_size > 1:
         examples = examples[dist.rank::dist.world_size]
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        nll, n = completion_nll(model, prefix, collate_sft(examples[i:i + batch_size], pad_id), precision)
+    for i in padding_starts(model, dist, len(examples), batch_size):  # FSDP: None, a batch that counts nothing
+        batch = examples[i:i + batch_size] if i is not None else [SFTExample([pad_id], [-100])]
+        nll, n = completion_nll(model, prefix, collate_sft(batch, pad_id), precision)
         total, count = total + nll.item(), count + n
     if dist is not None:
         total, count = dist.sum(total), dist.sum(count)
@@ -149,7 +151,7 @@ class _Data:
             batches.append(collate_sft([self.train[i] for i in order[start:start + cfg.batch_size]], self.pad_id))
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         if dist.world_size > 1:
-            batches = [{k: v[dist.rank::dist.world_size] for k, v in b.items()} for b in batches]
+            batches = [local_rows(model, b, dist) for b in batches]  # FSDP: never empty (all labels ignored)
         return batches, n_tokens, micro[-1] / per_epoch
 
 
