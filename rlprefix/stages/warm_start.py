@@ -138,7 +138,7 @@ class _Data:
     def micro_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.train) / self.cfg.batch_size))
 
-    def batches(self, step: int, dist) -> tuple[list[dict], int, float]:
+    def batches(self, step: int, dist, model) -> tuple[list[dict], int, float]:
         """Step `step`'s micro-batches (this process's share of each), the completion tokens of all of them (the
         loss is normalised by the global count) and the epoch reached. Micro-batch m of the global stream is a
         slice of epoch m // micro_per_epoch's order, so the batches depend only on the step."""
@@ -251,7 +251,7 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
         for g in opt.param_groups:
             g["lr"] = lr
         # 2. this step's micro-batches
-        batches, n_tokens, epoch = data.batches(step, dist)
+        batches, n_tokens, epoch = data.batches(step, dist, model)
         # 3. gradients of the completion NLL, accumulated over micro-batches and summed over processes
         opt.zero_grad(set_to_none=True)
         loss_sum, grad_norm = accumulate_gradients(model, prefix, batches, n_tokens, cfg, dist)
