@@ -41,22 +41,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _count_all_gathers() -> list[int]:
-    """FSDP2's parameter all-gathers, counted by wrapping a private function (None if it moved)."""
-    try:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
-    except ImportError:
-        return [-1]
-    count, original = [0], group_module.foreach_all_gather
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    group_module.foreach_all_gather = counted
-    return count
-
-
 def worker(args):
     import torch
     import torch.distributed as tdist
@@ -65,7 +49,7 @@ def worker(args):
     from rlprefix import PPOConfig, Prefix, ppo
     from rlprefix.distributed import Dist, DistributedConfig
     from rlprefix.modeling import load_model
-    from rlprefix.sharding import is_sharded, local_parameter_bytes
+    from rlprefix.sharding import count_all_gathers, is_sharded, local_parameter_bytes
 
     torch.set_num_threads(args.threads)
     if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -78,7 +62,7 @@ def worker(args):
     model, tok = load_model(args.model, args.dtype, device, dist=dist,
                             distributed=DistributedConfig(strategy=args.strategy, fsdp_decode=args.decode))
     rss_load = _rss_mb()
-    gathers = _count_all_gathers() if is_sharded(model) else [0]
+    gathers = count_all_gathers() if is_sharded(model) else [0]
     prefix = Prefix.from_text(model, tok, "Write a warm, friendly and positive reply.", 10, "kv")
     times, parts, last, gathers_seen = [], [], [time.perf_counter()], [gathers[0]]
 

@@ -352,3 +352,20 @@ def strategy_of(distributed: str | DistributedConfig | None) -> DistributedConfi
     if isinstance(distributed, str):
         return DistributedConfig(strategy=distributed)
     return distributed
+
+
+def count_all_gathers() -> list[int]:
+    """Count FSDP2's parameter all-gathers from now on, in the returned one-element list (diagnostics for tests
+    and benchmarks: it wraps a private FSDP2 function); [-1] if that function has moved."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+    except ImportError:
+        return [-1]
+    count, original = [0], group_module.foreach_all_gather
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    group_module.foreach_all_gather = counted
+    return count

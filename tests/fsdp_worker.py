@@ -22,7 +22,7 @@ from rlprefix.distributed import Dist  # noqa: E402
 from rlprefix.evaluate import evaluate_reward  # noqa: E402
 from rlprefix.io import atomic_save_tensors, atomic_write_json  # noqa: E402
 from rlprefix.modeling import load_model  # noqa: E402
-from rlprefix.sharding import fsdp_modules, is_sharded, local_parameter_bytes, shard  # noqa: E402
+from rlprefix.sharding import count_all_gathers, fsdp_modules, is_sharded, local_parameter_bytes, shard  # noqa: E402
 
 
 def token_reward(prompts, completions, completion_ids=None, **kw):
@@ -41,20 +41,6 @@ def gathered_copies_freed(model) -> bool:
                 if up is not None and up.untyped_storage().size() != 0:
                     return False
     return True
-
-
-def count_all_gathers() -> list[int]:
-    """Count FSDP's parameter all-gathers (patches a private FSDP2 function; tests only)."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
-
-    count, original = [0], group_module.foreach_all_gather
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    group_module.foreach_all_gather = counted
-    return count
 
 
 def load_check(out: Path, dist: Dist) -> dict:
