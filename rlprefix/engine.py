@@ -33,7 +33,7 @@ from transformers import StaticCache
 from . import sharding
 from .generation import Rollout, encode_prompts, eos_ids, filter_logits
 from .modeling import kv_spec
-from .runtime import model_dtype, position_ids, prefix_kv
+from .runtime import distinct_rows, model_dtype, position_ids, prefix_kv
 
 M32 = 0xFFFFFFFF
 
@@ -225,13 +225,9 @@ def prefill(model, prompt_ids, pos, key_valid, pmax: int, tp: int, cache, bank, 
     cache of the unique rows whose K/V are then copied out to every row.
     """
     dtype = model_dtype(model)
-    key = torch.cat([prompt_ids, key_valid[:, :pmax + tp].long(), index.unsqueeze(1)], dim=1)
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    rows = prompt_ids.shape[0]
-    if unique.shape[0] == rows:
+    first, inverse = distinct_rows(torch.cat([prompt_ids, key_valid[:, :pmax + tp].long(), index.unsqueeze(1)], 1))
+    if len(first) == prompt_ids.shape[0]:
         return model_step(model, prompt_ids, pos, prefill_mask(key_valid, pmax, tp, dtype), cache, hidden)
-    first = torch.full((unique.shape[0],), rows, dtype=torch.long, device=inverse.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(rows, device=inverse.device), "amin")
     small = StaticCache(config=model.config, max_cache_len=total)
     write_prefixes(small, bank, index[first], spec)
     logits, h = model_step(model, prompt_ids[first], pos[first], prefill_mask(key_valid[first], pmax, tp, dtype),

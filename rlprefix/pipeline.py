@@ -179,7 +179,8 @@ def stage_keys(cfg: RunConfig, eval_kw: dict) -> dict:
             "eval_warm_start": _key(ws, base), "eval_after": after, "compress": _key(after, asdict(cfg.compress))}
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """`model.device`: "auto" is cuda when there is one, else cpu; anything else as given."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -212,7 +213,7 @@ def setup(cfg: RunConfig, log, dist: Dist, out: Path) -> Run:
     dist.barrier()
     torch.manual_seed(cfg.seed)
     t = time.perf_counter()
-    device = _device(cfg.model.device)
+    device = resolve_device(cfg.model.device)
     if dist.world_size > 1 and device == "cuda":
         device = f"cuda:{dist.rank % torch.cuda.device_count()}"
     model, tok = load_model(cfg.model.name, cfg.model.dtype, device, distributed=cfg.distributed, dist=dist)

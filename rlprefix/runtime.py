@@ -123,6 +123,15 @@ class SequenceScores:
     hidden: torch.Tensor | None        # [B, Tc, H] hidden states at the predicting positions
 
 
+def distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `key` [B, ...] that are alike: (first [U], the first row of each distinct value; inverse [B], which
+    distinct value each row has), so `x[first][inverse]` equals `x` for anything determined by the key."""
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(key.shape[0], device=inverse.device)
+    first = torch.full((unique.shape[0],), key.shape[0], dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
+
+
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *,
                       kv=None, temperature: float = 1.0, output_hidden: bool = False,
                       share_prompts: bool = True) -> SequenceScores:
@@ -136,12 +145,9 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     """
     rows = prompt_ids.shape[0]
     if share_prompts:
-        keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
-        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        first, inverse = distinct_rows(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1))
         # a sharded model runs the same forwards on every process: all share prompts (2 forwards) or none do
-        if sharding.agree_any(model, unique.shape[0] < rows):
-            first = torch.full((unique.shape[0],), rows, dtype=torch.long, device=inverse.device)
-            first = first.scatter_reduce(0, inverse, torch.arange(rows, device=inverse.device), "amin")
+        if sharding.agree_any(model, len(first) < rows):
             return _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv,
                                  temperature, output_hidden, first, inverse)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)

@@ -29,7 +29,8 @@ from .freshness import content_hash
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .lock import OutputLock
 from .modeling import load_model
-from .pipeline import new_prefix
+from .pipeline import new_prefix, resolve_device
+from .preflight import check_dataset, check_output_dir
 from .stages.warm_start import WarmStartConfig, warm_start
 
 CRITERION = "lowest validation perplexity exp(best eval loss); a tie goes to the shorter prefix"
@@ -117,8 +118,6 @@ def sweep_lengths(config: RunConfig | str | Path, lengths, *, steps: int | None 
     `steps`: warm-start steps per length (default: the config's warm_start.steps). `model`/`tokenizer`: an
     already loaded model (default: the config's). Everything is checked before the model is loaded.
     """
-    from .preflight import check_dataset, check_output_dir
-
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     lengths = check_lengths(lengths)
     steps = cfg.warm_start.steps if steps is None else steps
@@ -140,10 +139,7 @@ def sweep_lengths(config: RunConfig | str | Path, lengths, *, steps: int | None 
 
 def _sweep(cfg: RunConfig, lengths: list[int], steps: int, out: Path, model, tok, log) -> SweepResult:
     if model is None:
-        device = cfg.model.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, device)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
     ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
     ws_cfg.steps, ws_cfg.merge = steps, False  # only the loss is needed
     ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
