@@ -54,8 +54,9 @@ def test_two_processes_match_one(runs):
     assert info1["world_size"] == 1 and info2["world_size"] == 2
     for k in single:
         assert torch.allclose(single[k], double[k], atol=1e-5, rtol=1e-4), k
-    key = "reward/mean" if stage == "ppo" else "loss"
-    assert [h[key] for h in info1["history"]] == pytest.approx([h[key] for h in info2["history"]], abs=1e-5)
+    keys = ["reward/mean", "reward/raw_std"] if stage == "ppo" else ["loss"]  # raw_std: over the global batch
+    for key in keys:
+        assert [h[key] for h in info1["history"]] == pytest.approx([h[key] for h in info2["history"]], abs=1e-5), key
 
 
 def test_ranks_hold_the_same_prefix_after_every_step(runs):

@@ -385,6 +385,9 @@ def step_metrics(batch: Batch, raw_scores: list[float], reward_metrics: dict, cf
         "reward/mean": sum(g_raw) / max(len(g_raw), 1),   # the reward as the user wrote it (before normalisation)
         "reward/std": float(torch.tensor(g_raw).std()) if len(g_raw) > 1 else 0.0,
         **{k: dist.mean(v) for k, v in reward_metrics.items()},
+        # the scorer's raw statistics are per process; over several processes a mean of stds is not the std
+        "reward/raw_mean": sum(g_raw) / max(len(g_raw), 1),
+        "reward/raw_std": float(torch.tensor(g_raw).std()) if len(g_raw) > 1 else 0.0,
         "kl": kl_seq,
         "response_length": dist.mean(roll.completion_mask.sum(1).float().mean().item()),
     }
