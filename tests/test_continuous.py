@@ -1,16 +1,18 @@
 """Continuous batching without HTTP: rows that join a running batch mid-decode, with mixed prefixes, prompt lengths
 and sampling settings, get the tokens `engine.sample` gives each of them alone (greedy and sampled), through slot
-reuse, packing and growth of the slot cache."""
+reuse, packing and growth of the slot cache; and the decode thread that feeds the running batch."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import pytest
 import torch
 
 from rlprefix import Prefix, kv_spec
-from rlprefix.batcher import Row
-from rlprefix.continuous import BankCache, RunningBatch
+from rlprefix.batcher import Batcher, Row, RowResult
+from rlprefix.continuous import BankCache, RunningBatch, Turn
 from rlprefix.engine import sample
 from rlprefix.runtime import prefix_kv
 from rlprefix.slots import right_aligned
@@ -85,3 +87,68 @@ def test_right_aligned_moves_valid_columns_in_order():
     valid = torch.tensor([[True, False, True, False], [False, False, False, True], [True, True, True, True]])
     index = right_aligned(valid, 5)
     assert index[0, 3:].tolist() == [0, 2] and index[1, 4:].tolist() == [3] and index[2, 1:].tolist() == [0, 1, 2, 3]
+
+
+class _Gated:
+    """A RunningBatch stand-in for the decode thread: a turn starts (`started` counts them) and runs once `gate`
+    gives a permit; a row decodes for max_tokens turns; a joining row with prompt [666] makes the turn fail."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows, self.running, self.turns, self.gate = max_rows, [], [], threading.Semaphore(0)
+        self.started = 0
+
+    def free(self) -> int:
+        return self.max_rows - len(self.running)
+
+    def iterate(self, joining):
+        self.started += 1
+        assert self.gate.acquire(timeout=30)
+        if any(r.prompt_ids == [666] for r in joining):
+            raise RuntimeError("boom")
+        self.running += [[r, 0] for r in joining]
+        self.turns.append(([x[0].seed for x in self.running], [r.seed for r in joining]))
+        for x in self.running:
+            x[1] += 1
+        turn = Turn(finished=[(r, RowResult([0] * n, "", False)) for r, n in self.running if n >= r.max_tokens])
+        self.running = [x for x in self.running if x[1] < x[0].max_tokens]
+        return turn
+
+    def abort(self):
+        rows, self.running = [x[0] for x in self.running], []
+        return rows
+
+
+def _until(check) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_decode_thread_lets_rows_join_and_survives_a_failed_step():
+    """A row queued while another decodes joins it at the next turn; a failing turn fails the rows it held and
+    the thread goes on serving; the thread stops cleanly."""
+    running = _Gated(max_rows=4)
+    batcher = Batcher(running, wait_s=0.0)
+    batcher.start()
+    long, short = Row("base", None, [1], 50, 1.0, 1.0, 1), Row("base", None, [1], 2, 1.0, 1.0, 2)
+    batcher.submit(long)
+    running.gate.release(3)
+    _until(lambda: running.started == 4)  # turn 4 has its rows: `short` comes while it runs
+    batcher.submit(short)
+    running.gate.release(3)
+    assert len(short.future.result(timeout=30).token_ids) == 2
+    assert running.turns[3:5] == [([1], []), ([1, 2], [2])] and not long.future.done()  # joined at the next turn
+    _until(lambda: running.started == 7)
+    bad = Row("base", None, [666], 5, 1.0, 1.0, 3)
+    batcher.submit(bad)
+    running.gate.release(2)
+    for row in (long, bad):
+        with pytest.raises(RuntimeError, match="boom"):
+            row.future.result(timeout=30)
+    again = Row("base", None, [1], 1, 1.0, 1.0, 4)
+    batcher.submit(again)
+    running.gate.release(1)
+    assert again.future.result(timeout=30).token_ids == [0]
+    batcher.stop()
+    assert not batcher._thread.is_alive()
