@@ -230,7 +230,7 @@ class RowSink:
         self._emit(piece)
 
     def complete(self, future) -> None:
-        """The row's result (its batch ended): the tokens not yet pushed, then the end of the text."""
+        """The row's result (it left the running batch): the tokens not yet pushed, then the end of the text."""
         if future.cancelled() or self.reason is not None or self.error is not None:
             return
         if future.exception() is not None:
