@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from rlprefix import Prefix, compress, export_peft, kv_spec, load_model
+from rlprefix.batcher import Row
+from rlprefix.continuous import BankCache
 from rlprefix.engine import sample
 from rlprefix.generation import encode_prompts
-from rlprefix.batcher import Row
 from rlprefix.runtime import prefix_kv
-from rlprefix.serve import BankCache
 from tiny import save_tiny, tiny_model
 
 # The reference the server's running batch must match: the engine (per-row prefixes, counter-based per-row seeds).
