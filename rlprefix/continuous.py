@@ -110,6 +110,7 @@ class RunningBatch:
 
     @torch.no_grad()
     def iterate(self, joining: list[Row]) -> Turn:
+        """One turn (the module docstring's steps 1-5); `joining` (at most `free()` rows) get their first token."""
         turn = Turn()
         self._leave([i for i, r in enumerate(self.running) if r.row.cancelled.is_set()], turn)
         if len(joining) > self.free():
