@@ -134,9 +134,9 @@ def main() -> None:
                                    "prefixes": len(names), "prefix_length": args.prefix_length, "rows": rows,
                                    "server_batch_metrics": batch_lines,
                                    "load_average_after": os.getloadavg(),
-                                   "decode": "rlprefix.serve._decode_batch: one rlprefix.engine.sample call per "
-                                             "sampling setting, all prefixes in one PrefixBank, shared decode "
-                                             "steps"})
+                                   "decode": "rlprefix.continuous.RunningBatch: continuous batching, rows of "
+                                             "any prefix and sampling setting join the running batch at the "
+                                             "next decode step"})
     print(f"wrote {path}")
 
 

@@ -1,19 +1,25 @@
-"""Dynamic batching: one background thread owns the model and decodes whatever rows are waiting, together.
+"""Continuous batching's thread: one background thread owns the model and turns the server's decode loop.
 
-Requests (whatever their prefix) are split into rows, one per completion; the thread takes the first
-waiting row, then gathers more for a short window (up to `max_batch`), and hands them to `decode` in one
-call. A row whose client left before its batch started is dropped (its future was cancelled); one whose client
-leaves while it is decoded has `cancelled` set, which `decode` checks at every step (see `serve._StepHook`).
+Requests (whatever their prefix) are split into rows, one per completion, and queued. While rows are decoding,
+every turn of the loop moves waiting rows into the free slots of the running batch, where they join at the next
+decode step (`continuous.RunningBatch`); a row leaves the batch at the step it finishes. When nothing is decoding,
+the thread waits for a row and gathers more for a short window (`wait_s`, up to `max_batch`), so requests that
+arrive together are prefilled together. A row whose client left before it joined is dropped (its future was
+cancelled); one whose client leaves while it decodes has `cancelled` set and leaves at the next turn.
+
+Each turn's tokens go to the rows that listen (their `sink`: streamed replies and rows with stop strings) on the
+sink's event loop, one wake-up per turn; a finished row's future gets its result.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,17 +48,22 @@ class RowResult:
 
 
 class Batcher:
-    def __init__(self, decode: Callable[[list[Row]], list[RowResult]], max_batch: int = 32,
-                 wait_s: float = 0.005, metrics=None):
-        self.decode, self.max_batch, self.wait_s, self.metrics = decode, max_batch, wait_s, metrics
+    """Runs `running` (a `continuous.RunningBatch`: `free()`, `running`, `iterate(rows)`, `abort()`) on its own
+    thread, feeding it queued rows."""
+
+    def __init__(self, running, wait_s: float = 0.005, metrics=None):
+        self.running, self.wait_s, self.metrics = running, wait_s, metrics
+        self.max_batch = running.max_rows
         self._queue: queue.Queue[Row | None] = queue.Queue()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rlprefix-batcher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._stopping.set()
+        self._queue.put(None)  # wakes an idle thread
         self._thread.join(timeout=30)
 
     def submit(self, row: Row) -> Future:
@@ -64,40 +75,74 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.set("rlprefix_queue_rows", self._queue.qsize())
 
-    def _collect(self, first: Row) -> list[Row] | None:
-        rows, deadline = [first], time.monotonic() + self.wait_s
-        while len(rows) < self.max_batch:
+    def _take(self, limit: int, first: Row | None = None, wait_s: float = 0.0) -> list[Row]:
+        """Up to `limit` queued rows (waiting up to `wait_s` for more), without those whose client left."""
+        rows, deadline = ([first] if first is not None else []), time.monotonic() + wait_s
+        while len(rows) < limit:
             try:
-                row = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) \
-                    if time.monotonic() < deadline else self._queue.get_nowait()
+                left = deadline - time.monotonic()
+                row = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if row is None:
-                self._queue.put(None)  # stop after this batch
                 break
             rows.append(row)
-        return [r for r in rows if r.future.set_running_or_notify_cancel()]  # drop rows whose client left
+        self._gauge()
+        return [r for r in rows if r.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            rows = self._collect(first)
-            self._gauge()
-            if rows:
-                self._run(rows)
+        while not self._stopping.is_set():
+            if self.running.running:  # decoding: waiting rows join at the next step
+                joining = self._take(self.running.free())
+            else:  # idle: wait for a row, then gather the rows that arrive with it
+                first = self._queue.get()
+                if first is None:
+                    break
+                joining = self._take(self.max_batch, first, self.wait_s)
+                if not joining:
+                    continue
+            if self._stopping.is_set():
+                for r in joining:
+                    _fail(r, RuntimeError("the server is shutting down"))
+                break
+            self._turn(joining)
+        stopped = RuntimeError("the server is shutting down")
+        for r in self.running.abort():
+            _fail(r, stopped)
 
-    def _run(self, rows: list[Row]) -> None:
-        if self.metrics is not None:
-            self.metrics.observe("rlprefix_batch_rows", len(rows))
-            self.metrics.observe("rlprefix_batch_prefixes", len({r.prefix for r in rows}))
+    def _turn(self, joining: list[Row]) -> None:
         try:
-            results = self.decode(rows)
-        except Exception as e:  # one bad batch must not stop the server: fail its rows, keep serving
-            log.exception("decode batch of %d rows failed", len(rows))
-            for r in rows:
-                r.future.set_exception(e)
+            turn = self.running.iterate(joining)
+        except Exception as e:  # one bad step must not stop the server: fail its rows, keep serving
+            log.exception("decode step failed (%d rows running, %d joining)", len(self.running.running), len(joining))
+            for r in self.running.abort() + joining:
+                _fail(r, e)
             return
-        for r, res in zip(rows, results):
-            r.future.set_result(res)
+        _post([(r.sink, t) for r, t in turn.tokens if r.sink is not None])
+        for r, result in turn.finished:  # after the tokens: each sink sees its last tokens, then the result
+            if not r.future.done():
+                r.future.set_result(result)
+        for r, e in turn.failed:
+            _fail(r, e)
+
+
+def _fail(row: Row, e: BaseException) -> None:
+    if not row.future.done():
+        row.future.set_exception(e)
+
+
+def _post(items: list) -> None:
+    """Deliver (sink, token) pairs on their event loops (one wake-up per loop for all rows of a turn)."""
+    loops: dict[asyncio.AbstractEventLoop, list] = {}
+    for sink, token in items:
+        loops.setdefault(sink.loop, []).append((sink, token))
+    for loop, pairs in loops.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, pairs)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+
+def _deliver(items: list) -> None:
+    for sink, token in items:
+        sink.push([token])

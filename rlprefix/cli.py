@@ -214,8 +214,10 @@ def add_serve_parser(sub, model_args) -> None:
     s.add_argument("--prefixes", required=True, help="directory whose subdirectories are prefix artifacts")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=32, help="most rows (completions) decoded together")
-    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather rows for a batch")
+    s.add_argument("--max-batch", type=int, default=32,
+                   help="most rows (completions) in the running batch; more wait for a free slot")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="when nothing is decoding, how long to gather arriving rows to prefill together")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     model_args(s)
     s.set_defaults(func=cmd_serve)

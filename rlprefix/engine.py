@@ -242,6 +242,29 @@ def prefill(model, prompt_ids, pos, key_valid, pmax: int, tp: int, cache, bank, 
     return logits[inverse], (h[inverse] if h is not None else None)
 
 
+def open_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, bank: PrefixBank | None,
+              index: torch.Tensor, cache, total: int, hidden: bool = False):
+    """Start decoding left-padded prompts: each row's prefix K/V and its prompt into `cache`, laid out
+    [prefix slots (bank.max_length) | prompt | total - both], the prompt's real tokens at positions plen_b, plen_b + 1...
+
+    Returns (key_valid [B, total]: the row's prefix, its real prompt tokens and every slot after the prompt;
+    position of the last prompt token [B, 1]; next-token logits [B, V]; last hidden state or None). The rollout engine
+    and the server's running batch (`continuous`) both start rows here, so a row starts the same way in either.
+    """
+    device = prompt_ids.device
+    plen = torch.tensor([bank.lengths[i] if i >= 0 else 0 for i in index.tolist()] if bank else [0] * len(index),
+                        device=device)
+    pmax = bank.max_length if bank else 0
+    tp, spec = prompt_ids.shape[1], kv_spec(model)
+    write_prefixes(cache, bank, index, spec)
+    slots = torch.arange(pmax, device=device)
+    key_valid = torch.cat([slots < plen.unsqueeze(1), prompt_mask.bool(),
+                           prompt_mask.new_ones(len(index), total - pmax - tp, dtype=torch.bool)], dim=1)
+    pos = position_ids(prompt_mask, plen.unsqueeze(1))
+    logits, h = prefill(model, prompt_ids, pos, key_valid, pmax, tp, cache, bank, index, spec, total, hidden)
+    return key_valid, pos[:, -1:], logits, h
+
+
 def bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -287,8 +310,6 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     compile = device.type == "cuda" and not sharding.is_sharded(model) if compile is None else compile
 
     batch = bucket(rows) if compile else rows  # padded rows: empty prompts, no prefix, finished from the start
-    plen = torch.tensor([bank.lengths[i] if i >= 0 else 0 for i in index.tolist()] if bank else [0] * rows,
-                        device=device)
     pmax = bank.max_length if bank else 0
     tp = prompt_ids.shape[1]
     total = pmax + tp + max_new_tokens
@@ -298,15 +319,10 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         prompt_ids = torch.cat([prompt_ids, prompt_ids.new_zeros(extra, tp)])
         prompt_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(extra, tp)])
         index = torch.cat([index, index.new_full((extra,), -1)])
-        plen = torch.cat([plen, plen.new_zeros(extra)])
 
     spec, dtype = kv_spec(model), model_dtype(model)
     cache = new_cache(model, batch, total, reuse=compile)
-    write_prefixes(cache, bank, index, spec)
-    slots = torch.arange(pmax, device=device)
-    key_valid = torch.cat([slots < plen.unsqueeze(1), prompt_mask.bool(),
-                           prompt_mask.new_ones(batch, total - pmax - tp, dtype=torch.bool)], dim=1)
-    pos = position_ids(prompt_mask, plen.unsqueeze(1))
+    key_valid, pos, logits, h = open_rows(model, prompt_ids, prompt_mask, bank, index, cache, total, return_hidden)
     step_fn = compiled_step(model) if compile else model_step
 
     stop = torch.tensor(eos_ids(model, tokenizer), device=device)
@@ -319,8 +335,6 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     counter = torch.zeros((), dtype=torch.long, device=device)
     slot = torch.tensor(pmax + tp, device=device)
 
-    logits, h = prefill(model, prompt_ids, pos, key_valid, pmax, tp, cache, bank, index, spec, total, return_hidden)
-    pos = pos[:, -1:]
     steps = max_new_tokens if force_tokens is None else min(max_new_tokens, force_tokens.shape[1])
     live = None  # once finished rows were dropped (see `_compact`): the output rows still decoded, in batch order
     work = rows  # rows of the model batch that carry output rows (the rest are bucket padding)

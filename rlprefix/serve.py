@@ -2,12 +2,14 @@
 
 One process holds one copy of the model; every prefix under `--prefixes DIR` is served under its directory
 name (the bare model as `base`), chosen per request by the `model` field. Requests are split into rows (one
-per completion) and a background thread decodes whatever rows are waiting together (see `batcher`). Each
-row samples from its own seeded stream, so a reply for a given `seed` does not depend on the batch.
+per completion) and decoded with continuous batching: a background thread (`batcher`) runs one decode loop in
+which a waiting row joins the running batch at the next step and a finished row leaves it at once, whatever their
+prefixes (`continuous`, on the rollout engine's pieces). Each row samples from its own seeded stream, so a reply
+for a given `seed` depends neither on the batch nor on when the request arrived.
 
-Tokens reach the request handlers as they are decoded (the engine's per-step hook, `_StepHook`): streamed
-replies send each new piece of text at once, stop strings end a row's decoding, and a row whose client left is
-stopped at the next step (and leaves the batch).
+Tokens reach the request handlers as they are decoded (every turn of the loop): streamed replies send each new
+piece of text at once, stop strings end a row's decoding, and a row whose client left leaves the batch at the
+next step.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 
 import torch
@@ -25,8 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Row, RowResult
-from .engine import PrefixBank
-from .engine import sample as engine_sample  # the server's one sampler (generation.sample stays the reference)
+from .continuous import BankCache, RunningBatch
 from .generation import eos_ids
 from .modeling import load_model
 from .openai_protocol import (APIError, ChatRequest, CompletionRequest, chat_chunk, chat_response,
@@ -41,162 +41,6 @@ CHAT_DEFAULT_MAX_TOKENS = 256
 
 class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
-
-
-# ---------------------------------------------------------------- decoding (the one call into the model)
-
-def _pad_left(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-class BankCache:
-    """`PrefixBank`s for decode batches, one per set of prefixes, kept least-recently-used.
-
-    A batch's bank holds only the prefixes its rows use (so its padded length is theirs, not the longest loaded
-    prefix), and the same set of prefixes is not stacked again for the next batch. A prefix is identified by
-    name and by its K/V tensor (rows capture it at submit time, so a reload mid-flight gives a new key); each
-    entry keeps those tensors alive, so their ids cannot be reused while the entry exists.
-    """
-
-    def __init__(self, model, size: int = 16, metrics: Metrics | None = None):
-        self.model, self.size, self.metrics = model, size, metrics
-        self._banks: OrderedDict[tuple, tuple[PrefixBank, list[torch.Tensor]]] = OrderedDict()
-
-    def lookup(self, rows: list[Row]) -> tuple[PrefixBank | None, torch.Tensor]:
-        """(bank or None when every row is `base`, prefix_index LongTensor [rows] with -1 for `base`)."""
-        unique = {(r.prefix, id(r.kv)): r.kv for r in rows if r.kv is not None}
-        if not unique:
-            return None, torch.full((len(rows),), -1, dtype=torch.long)
-        key = tuple(sorted(unique))
-        if key in self._banks:
-            self._banks.move_to_end(key)
-        else:
-            self._banks[key] = (self._build(key, unique), list(unique.values()))
-            if len(self._banks) > self.size:
-                self._banks.popitem(last=False)
-        slot = {k: i for i, k in enumerate(key)}
-        index = [slot[(r.prefix, id(r.kv))] if r.kv is not None else -1 for r in rows]
-        return self._banks[key][0], torch.tensor(index, dtype=torch.long)
-
-    def _build(self, key: tuple, unique: dict) -> PrefixBank:
-        if self.metrics is not None:
-            self.metrics.inc("rlprefix_prefix_banks_built_total")
-        return PrefixBank(self.model, [unique[k] for k in key])
-
-
-def _sampling_key(r: Row) -> tuple:
-    """Rows that can share one engine call: greedy rows all together, sampled rows by (temperature, top_p)."""
-    return ("greedy",) if r.temperature == 0 else ("sample", r.temperature, r.top_p)
-
-
-class _StepHook:
-    """`engine.sample`'s `on_step` for one engine call: hands each step's tokens to the rows that listen (their
-    `sink`: streamed replies and rows with stop strings) on the server's event loop, and finishes rows whose client
-    left (`Row.cancelled`, set by the handler) or that reached their own `max_tokens`.
-
-    Only a call with listening rows reads the tokens every step (a host sync); otherwise a step costs a look at
-    the rows' flags. `rlprefix_decode_rows` counts the rows being decoded; a row leaves it at the step it ends.
-    """
-
-    def __init__(self, rows: list[Row], eos: set[int], metrics: Metrics):
-        self.rows, self.eos, self.metrics = rows, eos, metrics
-        self.listeners = [(j, r.sink) for j, r in enumerate(rows) if r.sink is not None]
-        self.running = [True] * len(rows)
-        metrics.inc("rlprefix_decode_rows", len(rows))
-
-    def __call__(self, t: int, tokens: torch.Tensor, alive: torch.Tensor) -> list[bool] | None:
-        ended = [False] * len(self.rows)
-        if self.listeners:
-            toks, live = tokens.tolist(), alive.tolist()
-            items = [(sink, toks[j]) for j, sink in self.listeners if live[j]]
-            if items:
-                _post(self.listeners[0][1].loop, items)
-            for j, _ in self.listeners:
-                ended[j] = not live[j] or toks[j] in self.eos  # known here: let the engine drop the row now
-        for j, r in enumerate(self.rows):
-            ended[j] = ended[j] or r.cancelled.is_set() or t + 1 >= r.max_tokens
-        newly = [j for j, e in enumerate(ended) if e and self.running[j]]
-        if not newly:
-            return None
-        for j in newly:
-            self.running[j] = False
-        self.metrics.inc("rlprefix_decode_rows", -len(newly))
-        return ended
-
-    def close(self) -> None:
-        self.metrics.inc("rlprefix_decode_rows", -sum(self.running))
-        self.running = [False] * len(self.rows)
-
-
-def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
-    """Deliver (sink, token) pairs on the event loop (one wake-up per step for all rows)."""
-    try:
-        loop.call_soon_threadsafe(_deliver, items)
-    except RuntimeError:  # the loop is closed: the server is shutting down
-        pass
-
-
-def _deliver(items: list) -> None:
-    for sink, token in items:
-        sink.push([token])
-
-
-def _decode_group(model, tok, rows: list[Row], bank: PrefixBank | None, index: torch.Tensor, eos: set[int],
-                  metrics: Metrics) -> list[RowResult]:
-    """Rows sharing temperature and top_p (any prefixes) in one `engine.sample` call, one seed per row."""
-    first = rows[0]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = _pad_left([r.prompt_ids for r in rows], pad)
-    greedy = first.temperature == 0
-    hook = _StepHook(rows, eos, metrics)
-    try:
-        out = engine_sample(model, tok, ids, mask, bank=bank, prefix_index=index if bank is not None else None,
-                            max_new_tokens=max(r.max_tokens for r in rows),
-                            temperature=1.0 if greedy else first.temperature, do_sample=not greedy, top_p=first.top_p,
-                            row_seeds=[r.seed for r in rows], decode=False, on_step=hook)
-    finally:
-        hook.close()
-    lengths = out.completion_mask.sum(1).tolist()
-    metrics.inc("rlprefix_decoded_tokens_total", sum(lengths))
-    results = []
-    for j, r in enumerate(rows):  # a row's draws are its own, so cutting at its max_tokens equals running to it
-        n = min(int(lengths[j]), r.max_tokens)
-        toks = out.completion_ids[j, :n].tolist()
-        results.append(RowResult(toks, tok.decode(toks, skip_special_tokens=True), bool(toks) and toks[-1] in eos))
-    return results
-
-
-def _decode_batch(model, tok, rows: list[Row], banks: BankCache, metrics: Metrics | None = None) -> list[RowResult]:
-    """Decode a batch of rows with any mix of prefixes: one engine call per sampling setting.
-
-    Rows with different prefixes share every decode step (one `PrefixBank` for the batch, `prefix_index` per
-    row); the engine's counter-based per-row randomness keeps each row's output independent of the batch.
-    Rows cancelled before their engine call starts are not decoded (an empty result).
-    """
-    metrics = metrics if metrics is not None else Metrics()
-    eos = set(eos_ids(model, tok))
-    results: list[RowResult | None] = [RowResult([], "", False)] * len(rows)
-    todo = [i for i, r in enumerate(rows) if not r.cancelled.is_set()]
-    if not todo:
-        return results
-    bank, index = banks.lookup([rows[i] for i in todo])
-    groups: dict[tuple, list[int]] = {}
-    for k, i in enumerate(todo):
-        groups.setdefault(_sampling_key(rows[i]), []).append(k)
-    for ks in groups.values():
-        ks = [k for k in ks if not rows[todo[k]].cancelled.is_set()]  # clients may leave while an earlier group runs
-        if not ks:
-            continue
-        group = [todo[k] for k in ks]
-        for i, res in zip(group, _decode_group(model, tok, [rows[i] for i in group], bank, index[ks], eos, metrics)):
-            results[i] = res
-    return results
 
 
 # ---------------------------------------------------------------- server state and request handling
@@ -214,11 +58,11 @@ class Server:
                  wait_s: float = 0.005):
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
         self.metrics = Metrics()
-        self.banks = BankCache(model, metrics=self.metrics)
-        self.batcher = Batcher(lambda rows: _decode_batch(model, tok, rows, self.banks, self.metrics), max_batch,
-                               wait_s, self.metrics)
         self.eos = set(eos_ids(model, tok))
         self.context = context_length(model, tok)
+        self.banks = BankCache(model, metrics=self.metrics)
+        self.running = RunningBatch(model, tok, self.banks, max_batch, self.context, self.metrics)
+        self.batcher = Batcher(self.running, wait_s, self.metrics)
         self._last_scan = 0.0
 
     async def rescan(self) -> dict:
@@ -386,7 +230,7 @@ class RowSink:
         self._emit(piece)
 
     def complete(self, future) -> None:
-        """The row's result (its batch ended): the tokens not yet pushed, then the end of the text."""
+        """The row's result (it left the running batch): the tokens not yet pushed, then the end of the text."""
         if future.cancelled() or self.reason is not None or self.error is not None:
             return
         if future.exception() is not None:

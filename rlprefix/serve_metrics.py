@@ -21,13 +21,16 @@ class Metrics:
         "rlprefix_completion_tokens_total": ("counter", "completion tokens returned"),
         "rlprefix_rows_cancelled_total": ("counter", "rows whose client went away before the reply"),
         "rlprefix_requests_cancelled_total": ("counter", "requests whose client went away before the full reply"),
-        "rlprefix_decoded_tokens_total": ("counter", "tokens the engine decoded (returned or not)"),
-        "rlprefix_decode_rows": ("gauge", "rows being decoded now (a finished or cancelled row leaves at once)"),
-        "rlprefix_prefix_banks_built_total": ("counter", "prefix banks stacked for decode batches (cache misses)"),
-        "rlprefix_queue_rows": ("gauge", "rows waiting for a decode batch"),
+        "rlprefix_decoded_tokens_total": ("counter", "tokens decoded (returned or not)"),
+        "rlprefix_decode_rows": ("gauge", "rows in the running batch (a finished or cancelled row leaves at once)"),
+        "rlprefix_rows_admitted_total": ("counter", "rows that reached the model (prefilled into the running batch)"),
+        "rlprefix_rows_joined_running_total": ("counter", "rows admitted while other rows were decoding (joined "
+                                                          "a running batch at its next step)"),
+        "rlprefix_prefix_banks_built_total": ("counter", "prefix banks stacked for prefills (cache misses)"),
+        "rlprefix_queue_rows": ("gauge", "rows waiting for a free slot in the running batch"),
         "rlprefix_prefixes": ("gauge", "prefixes served, base included"),
-        "rlprefix_batch_rows": ("histogram", "rows per decode batch"),
-        "rlprefix_batch_prefixes": ("histogram", "distinct prefixes per decode batch"),
+        "rlprefix_batch_rows": ("histogram", "rows per decode step"),
+        "rlprefix_batch_prefixes": ("histogram", "distinct prefixes per decode step"),
         "rlprefix_request_latency_seconds": ("histogram", "request latency from arrival to full reply"),
     }
 

@@ -2,7 +2,8 @@
 
 One server for the module (a tiny random llama + tiny prefixes of every artifact kind); its replies must equal
 the prompt sampled alone in-process (`encode_prompts` + `rlprefix.engine.sample` with the original prefix and the
-row's seed, the engine `rlprefix.generate` runs), whatever else shares the batch.
+row's seed, the engine `rlprefix.generate` runs), whatever else shares the batch and whenever the request joined
+the running batch (continuous batching).
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ import pytest
 import torch
 
 from rlprefix import Prefix, compress, export_peft, kv_spec, load_model
+from rlprefix.batcher import Row
+from rlprefix.continuous import BankCache
 from rlprefix.engine import sample
 from rlprefix.generation import encode_prompts
-from rlprefix.batcher import Row
 from rlprefix.runtime import prefix_kv
-from rlprefix.serve import BankCache
 from tiny import save_tiny, tiny_model
 
-# The sampler `serve._decode_batch` calls: the engine (per-row prefixes, counter-based per-row seeds).
+# The reference the server's running batch must match: the engine (per-row prefixes, counter-based per-row seeds).
 SAMPLE = sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,40 +243,89 @@ def _metric(served, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _runs_to_max(served, kw: dict) -> dict:
+    """`kw` with a seed whose completion runs to max_tokens when nothing stops it (a long-running row)."""
+    for seed in range(40):
+        if served.post("/v1/completions", {**kw, "seed": seed})[1]["usage"]["completion_tokens"] == kw["max_tokens"]:
+            return {**kw, "seed": seed}
+    raise AssertionError("no seed runs to max_tokens")
+
+
 def test_client_disconnect_frees_its_slot(served):
-    """Streaming clients that leave while their rows wait behind a busy batch: the rows never reach the model."""
-    cancelled, decoded = (_metric(served, n) for n in ("rlprefix_rows_cancelled_total", "rlprefix_batch_rows_sum"))
-    busy = {"model": "beta", "prompt": "hello", "max_tokens": 120, "n": 4}
+    """Streaming clients that leave while their rows wait for a slot (a request of 32 rows fills every slot of the
+    running batch): the rows never reach the model."""
+    busy = dict(model="beta", max_tokens=200, temperature=0)
+    busy = next({**busy, "prompt": p} for p in PROMPTS if served.post("/v1/completions", {**busy, "prompt": p})[1]
+                ["usage"]["completion_tokens"] == 200)  # greedy rows that all run to max_tokens
+    names = ("rlprefix_rows_cancelled_total", "rlprefix_rows_admitted_total")
+    cancelled, admitted = (_metric(served, n) for n in names)
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
-        blocker = pool.submit(served.post, "/v1/completions", busy)
+        blocker = pool.submit(served.post, "/v1/completions", {**busy, "n": 32})
         time.sleep(0.2)
         body = json.dumps({"model": "alpha", "prompt": "hello", "max_tokens": 200, "stream": True, "n": 4}).encode()
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
                 s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert blocker.result(timeout=60)[0] == 200
+        assert blocker.result(timeout=120)[0] == 200
         busy_s = time.monotonic() - started
     deadline = time.monotonic() + 20
-    while _metric(served, "rlprefix_rows_cancelled_total") < cancelled + 12 and time.monotonic() < deadline:
+    while _metric(served, names[0]) < cancelled + 12 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _metric(served, "rlprefix_rows_cancelled_total") == cancelled + 12
+    assert _metric(served, names[0]) == cancelled + 12
     assert served.client.completions.create(model="alpha", prompt="hi", max_tokens=3).choices  # still serving
-    if busy_s > 0.8:  # the leavers were noticed while queued (polled every 0.1 s): only the 4 + 1 rows ran
-        assert _metric(served, "rlprefix_batch_rows_sum") == decoded + 5
+    if busy_s > 0.8:  # the leavers were noticed while queued (polled every 0.1 s): only the 32 + 1 rows ran
+        assert _metric(served, names[1]) == admitted + 33
+
+
+def test_a_request_joins_a_running_batch(served):
+    """A short request sent while a long one is decoding joins the running batch at its next step: it is admitted
+    while the long row runs, its reply is complete while the long row is still decoding, and both texts equal their
+    single results."""
+    long = _runs_to_max(served, dict(model="alpha", prompt="hello", max_tokens=240, temperature=1.0))
+    short = dict(model="delta", prompt=PROMPTS[2], max_tokens=4, temperature=0.9, seed=3)
+    alone = [served.post("/v1/completions", job)[1]["choices"][0]["text"] for job in (long, short)]
+    joined = _metric(served, "rlprefix_rows_joined_running_total")
+    chunks = iter(served.client.completions.create(stream=True, **long))
+    first = next(chunks)  # the long row is decoding
+    got = served.client.completions.create(**short).choices[0].text
+    assert _metric(served, "rlprefix_decode_rows") >= 1  # the long row has not finished
+    assert _metric(served, "rlprefix_rows_joined_running_total") == joined + 1
+    text = first.choices[0].text + "".join(c.choices[0].text for c in chunks)
+    assert [text, got] == alone
+
+
+def test_staggered_requests_joining_mid_decode_equal_their_single_results(served):
+    """Requests arriving one after another (greedy and sampled, with and without stop strings, any prefix) join the
+    running batch at different steps; each reply equals the same request served alone."""
+    jobs = [{**_job(i), "temperature": 0.0} if i % 4 == 3 else _job(i) for i in range(12)]
+    jobs[5]["stop"] = ["e"]
+    alone = [served.post("/v1/completions", job)[1]["choices"][0]["text"] for job in jobs]
+    long = _runs_to_max(served, dict(model="base", prompt="hello", max_tokens=240, temperature=1.0))
+    joined = _metric(served, "rlprefix_rows_joined_running_total")
+
+    def staggered(i: int) -> str:
+        time.sleep(0.01 * i)
+        return served.client.completions.create(**jobs[i]).choices[0].text
+
+    chunks = iter(served.client.completions.create(stream=True, **long))
+    next(chunks)  # a row is decoding: the others join it
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(staggered, range(len(jobs))))
+    list(chunks)
+    assert together == alone
+    assert _metric(served, "rlprefix_rows_joined_running_total") > joined
 
 
 def test_client_leaving_mid_stream_stops_its_decode(served):
     """A raw-HTTP client reads the first chunk and hangs up: its row is cancelled mid-decode (fewer tokens decoded
     than the reply it would have got, which runs to max_tokens), it leaves the rows being decoded, and the server
     serves the next request."""
-    kw = dict(model="alpha", prompt="hello", max_tokens=230, temperature=1.0)
-    seed = next(s for s in range(40) if served.post("/v1/completions", {**kw, "seed": s})[1]["usage"]["completion_tokens"]
-                == kw["max_tokens"])  # this seed runs to max_tokens when nobody leaves
+    kw = _runs_to_max(served, dict(model="alpha", prompt="hello", max_tokens=230, temperature=1.0))
     names = ("rlprefix_requests_cancelled_total", "rlprefix_rows_cancelled_total", "rlprefix_decoded_tokens_total")
     before = {n: _metric(served, n) for n in names}
-    body = json.dumps({**kw, "seed": seed, "stream": True}).encode()
+    body = json.dumps({**kw, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -285,7 +335,7 @@ def test_client_leaving_mid_stream_stops_its_decode(served):
         assert b"200 OK" in got
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (_metric(served, "rlprefix_requests_cancelled_total") == before[names[0]]
-                                           or _metric(served, "rlprefix_decoded_tokens_total") == before[names[2]]):
+                                           or _metric(served, "rlprefix_decode_rows") != 0):
         time.sleep(0.05)
     after = {n: _metric(served, n) for n in names}
     assert after[names[0]] == before[names[0]] + 1 and after[names[1]] == before[names[1]] + 1
