@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sharding
+from .modeling import is_encoder_decoder
 from .runtime import build_cache, logprobs_of, position_ids, prefix_kv
 
 
@@ -81,6 +82,32 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def row_generators(row_seeds: list[int] | None, batch: int) -> list[torch.Generator] | None:
+    """One CPU generator per row (None without seeds): a row's sample then depends only on its own seed."""
+    if row_seeds is None:
+        return None
+    if len(row_seeds) != batch:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
+    return [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
+
+
+def next_tokens(logits: torch.Tensor, stop: torch.Tensor, block_stop: bool, do_sample: bool, temperature: float,
+                top_k: int, top_p: float, row_gens: list[torch.Generator] | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row from float logits [B, V] (modified in place when `block_stop`: no EOS yet)."""
+    if block_stop:
+        logits[:, stop] = float("-inf")
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    if row_gens is not None:  # inverse-CDF sampling with one uniform draw per row from its own stream
+        u = torch.cat([torch.rand(1, generator=g) for g in row_gens]).to(logits.device)
+        cdf = probs.cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(
+            max=probs.shape[-1] - 1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @sharding.decode_loop
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
@@ -93,6 +120,12 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     Randomness comes from `generator`, or, with `row_seeds`, from one generator per row: then each row's
     sample depends only on its own seed, not on which other rows share the batch (or the process).
     """
+    if is_encoder_decoder(model):
+        from . import seq2seq  # here: seq2seq builds on this module
+        return seq2seq.sample(model, tokenizer, prompt_ids, prompt_mask, prefix, max_new_tokens=max_new_tokens,
+                              min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              do_sample=do_sample, generator=generator, kv=kv, decode=decode,
+                              return_hidden=return_hidden, row_seeds=row_seeds)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     device = model.device
@@ -108,11 +141,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     attn = torch.cat([prompt_mask.new_ones(batch, length), prompt_mask], dim=1)
     pos = position_ids(prompt_mask, length)
     inputs = prompt_ids
-    row_gens = None
-    if row_seeds is not None:
-        if len(row_seeds) != batch:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
-        row_gens = [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
+    row_gens = row_generators(row_seeds, batch)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, alive, hiddens = [], [], [], []
     for step in range(max_new_tokens):
@@ -122,18 +151,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if return_hidden:
             hiddens.append(out.hidden_states[-1][:, -1])
         logits = out.logits[:, -1].float()
-        if step < min_new_tokens:
-            logits[:, stop] = float("-inf")
-        if do_sample:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            if row_gens is not None:  # inverse-CDF sampling with one uniform draw per row from its own stream
-                u = torch.cat([torch.rand(1, generator=g) for g in row_gens]).to(device)
-                cdf = probs.cumsum(-1)
-                nxt = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-            else:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p, row_gens,
+                          generator)
         lp = logprobs_of(logits, nxt, temperature)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         alive.append(~done)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import sharding
 from .artifacts import load_prefix, register_kind, save_prefix
-from .modeling import KVSpec, kv_spec
+from .modeling import KVSpec, is_encoder_decoder, kv_spec
 from .runtime import cache_to_kv, text_kv
 from .shared_prefix import default_shared_dim, init_shared, shared_key_values
 
@@ -37,6 +37,9 @@ class Prefix(nn.Module):
             raise ValueError(f"unknown prefix kind {kind!r}; use one of {KINDS}")
         if length < 0:
             raise ValueError(f"prefix length must be >= 0, got {length}")
+        if kind == "prompt" and spec.encoder_decoder:
+            raise ValueError(f"a 'prompt' prefix (input embeddings) is not supported on an encoder-decoder model "
+                             f"({spec.describe()}); use kind 'kv', 'mlp' or 'shared'")
         self.spec, self.length, self.kind = spec, int(length), kind
         # token ids whose K/V initialised this prefix ("from real words"); kept so compression can factorise
         # only the learned change, since the frozen model recomputes these K/V exactly
@@ -89,6 +92,9 @@ class Prefix(nn.Module):
         With kind "kv" the prefix then acts exactly as if the text preceded every input; this is
         the initialisation Li & Liang recommend, and the one Cartridges uses.
         """
+        if is_encoder_decoder(model):  # the decoder's K/V for words depend on a source: no natural choice
+            raise ValueError("Prefix.from_text is not supported on encoder-decoder models (the decoder's K/V for a "
+                             "text depend on the source); use Prefix.for_model")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("prefix init text is empty after tokenisation")

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import sharding
-from .modeling import KVSpec, kv_spec
+from .artifacts import ModelMismatchError
+from .modeling import KVSpec, is_encoder_decoder, kv_spec
 
 
 def model_dtype(model) -> torch.dtype:
@@ -31,6 +32,9 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
     if kv is None or kv.shape[2] == 0:
         return cache
     spec = kv_spec(model)
+    if spec.encoder_decoder:
+        raise ValueError(f"build_cache is for decoder-only models; {spec.describe()} takes its prefix through "
+                         f"rlprefix.seq2seq.build_cache")
     if kv.shape[0] != spec.num_layers or kv.shape[3] != spec.kv_dim:
         raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
                          f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
@@ -66,10 +70,20 @@ def text_kv(model, ids: list[int]) -> torch.Tensor:
     return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 
 
+def check_family(spec: KVSpec, model, what: str = "the prefix") -> None:
+    """A clear error for a decoder-only model's prefix on an encoder-decoder model, and the other way round."""
+    have = kv_spec(model)
+    if spec.encoder_decoder != have.encoder_decoder:
+        raise ModelMismatchError(f"{what} was made for a {spec.family} model [{spec.describe()}] but the model is "
+                                 f"{have.family} [{have.describe()}]; a prefix only fits the family it was made for")
+
+
 def prefix_kv(model, prefix) -> torch.Tensor | None:
     """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
     if prefix is None or prefix.length == 0:
         return None
+    if getattr(prefix, "spec", None) is not None:
+        check_family(prefix.spec, model)
     return prefix.key_values(model)
 
 
@@ -143,6 +157,10 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     the same computation (logits agree to float rounding; gradients reach the prefix through both parts)
     at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
+    if is_encoder_decoder(model):
+        from . import seq2seq  # here: seq2seq builds on this module
+        return seq2seq.score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix,
+                                         kv=kv, temperature=temperature, output_hidden=output_hidden)
     rows = prompt_ids.shape[0]
     if share_prompts:
         first, inverse = distinct_rows(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1))
