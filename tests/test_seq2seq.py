@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import rlprefix
-from rlprefix import seq2seq
+from rlprefix import engine, seq2seq
 from rlprefix.artifacts import ModelMismatchError
+from rlprefix.data import collate_sft, load_records, tokenize_sft
+from rlprefix.runtime import score_completions
+from rlprefix.stages.warm_start import evaluate_loss
 from rlprefix.peft_export import export_peft
 from tiny import tiny_model, tiny_tokenizer
 
@@ -145,3 +148,105 @@ def test_unsupported_kinds_are_refused(s2s, tok):
         rlprefix.Prefix.for_model(s2s, 4, "prompt")
     with pytest.raises(ValueError, match="from_text is not supported on encoder-decoder"):
         rlprefix.Prefix.from_text(s2s, tok, "hello world")
+
+
+# ---- warm start on (source, target) pairs ---------------------------------------------------------------------
+PAIRS = [{"prompt": f"review {w}", "completion": f"{w} is good great love"} for w in
+         ["film", "food", "phone", "hotel", "park", "room", "staff", "actors"]]
+
+
+def test_pairs_tokenise_to_source_and_decoder_target(s2s, tok):
+    ds = load_records(PAIRS[:1])
+    (ex,) = tokenize_sft(ds, tok, max_length=64, decoder_start=seq2seq.decoder_start_id(s2s))
+    target = tok("film is good great love" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert ex.source_ids == tok("review film")["input_ids"]
+    assert ex.input_ids == [seq2seq.decoder_start_id(s2s)] + target and ex.labels == [-100] + target
+    batch = collate_sft([ex], tok.pad_token_id)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "source_ids", "source_mask"}
+
+
+def test_warm_start_lowers_the_loss_and_merge_keeps_it(s2s, tok):
+    prefix = rlprefix.Prefix.for_model(s2s, 6, "mlp", mlp_hidden=32, generator=torch.Generator().manual_seed(0))
+    cfg = rlprefix.WarmStartConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=3, eval_every=10,
+                                   eval_fraction=0.25, progress=False, merge=False)
+    res = rlprefix.warm_start(s2s, tok, prefix, PAIRS, cfg)
+    assert res.history[-1]["loss"] < 0.85 * res.history[0]["loss"]
+    examples = tokenize_sft(load_records(PAIRS), tok, decoder_start=seq2seq.decoder_start_id(s2s))
+    trained = evaluate_loss(s2s, res.prefix, examples, tok.pad_token_id)
+    assert evaluate_loss(s2s, res.prefix.merge(), examples, tok.pad_token_id) == pytest.approx(trained, abs=1e-5)
+    assert trained < evaluate_loss(s2s, None, examples, tok.pad_token_id)
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+def test_sampled_logprobs_equal_a_forward_pass(s2s, tok):
+    prefix = kv_prefix(s2s)
+    ids, mask = sources(tok, side="left")  # what encode_prompts gives; the seq2seq path re-pads to the right
+    roll = rlprefix.sample(s2s, tok, ids, mask, prefix, max_new_tokens=10, temperature=0.8,
+                           generator=torch.Generator().manual_seed(0), return_hidden=True)
+    assert roll.completion_mask.shape == roll.logprobs.shape and roll.hidden.shape[:2] == roll.logprobs.shape
+    scored = score_completions(s2s, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                               prefix, temperature=0.8, output_hidden=True)
+    m = roll.completion_mask
+    assert ((scored.logprobs - roll.logprobs) * m).abs().max() < 1e-5
+    assert ((scored.hidden - roll.hidden) * m.unsqueeze(-1)).abs().max() < 1e-5
+
+
+def test_engine_and_generate_route_to_the_seq2seq_loop(s2s, tok):
+    prefix, other = kv_prefix(s2s, seed=0), kv_prefix(s2s, seed=1)
+    ids, mask = sources(tok)
+    seeds = [11, 12, 13]
+    alone = [engine.sample(s2s, tok, ids[i:i + 1], mask[i:i + 1], p, row_seeds=seeds[i:i + 1], max_new_tokens=8)
+             for i, p in enumerate([prefix, None, other])]
+    bank = engine.PrefixBank(s2s, {"a": prefix, "b": other})
+    mixed = engine.sample(s2s, tok, ids, mask, bank=bank, prefix_index=torch.tensor([0, -1, 1]), row_seeds=seeds,
+                          max_new_tokens=8)
+    for i, r in enumerate(alone):  # a row samples the same with its prefix in a mixed batch as alone
+        n = int(r.completion_mask.sum())
+        assert torch.equal(mixed.completion_ids[i, :n], r.completion_ids[0, :n])
+        assert torch.allclose(mixed.logprobs[i, :n], r.logprobs[0, :n], atol=1e-6)
+        assert mixed.texts[i] == r.texts[0]
+    texts = rlprefix.generate(s2s, tok, SOURCES, prefix, max_new_tokens=6, seed=0, chat=False)
+    assert len(texts) == 3 and texts == rlprefix.generate(s2s, tok, SOURCES, prefix, max_new_tokens=6, seed=0,
+                                                          chat=False)
+    with pytest.raises(ValueError, match="ensembling"):
+        rlprefix.generate(s2s, tok, SOURCES, ensemble=[prefix, other], max_new_tokens=4, chat=False)
+
+
+# ---- PPO: the policy's actions are the decoder's tokens -----------------------------------------------------------
+def even_tokens(prompts, completions, completion_ids, **kw):
+    """A toy reward that varies from the first step: the share of even token ids."""
+    return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def test_ppo_first_ratio_is_one_and_base_is_untouched(s2s, tok):
+    before = {k: v.clone() for k, v in s2s.state_dict().items()}
+    prefix = rlprefix.Prefix.for_model(s2s, 4, "mlp", mlp_hidden=16)
+    p0 = {k: v.clone() for k, v in prefix.state_dict().items()}
+    cfg = rlprefix.PPOConfig(steps=2, batch_size=8, minibatch_size=4, epochs=2, max_new_tokens=6, lr=3e-2,
+                             progress=False, chat=False, reference="initial")
+    res = rlprefix.ppo(s2s, tok, prefix, SOURCES + ["the food"], even_tokens, cfg)
+    assert all(h["policy/ratio_dev_first_minibatch"] < 1e-4 for h in res.history)
+    assert all(torch.equal(before[k], v) for k, v in s2s.state_dict().items())
+    assert any(not torch.equal(p0[k], v) for k, v in prefix.state_dict().items())
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_ppo_learns_a_toy_reward(s2s, tok, advantage):
+    """The reward is the share of decoder tokens of the parity the bare model samples less often."""
+    ids, mask = sources(tok)
+    base = rlprefix.sample(s2s, tok, ids.repeat(8, 1), mask.repeat(8, 1), max_new_tokens=8,
+                           generator=torch.Generator().manual_seed(0))
+    even = float(((base.completion_ids % 2 == 0) * base.completion_mask).sum() / base.completion_mask.sum())
+    parity = 1 if even > 0.5 else 0
+
+    def reward(prompts, completions, completion_ids, **kw):
+        return [sum(t % 2 == parity for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    prefix = rlprefix.Prefix.for_model(s2s, 8, "kv", generator=torch.Generator().manual_seed(0))
+    extra = dict(advantage="gae", kl_penalty="reward", reward_normalize=False, group_size=1) \
+        if advantage == "gae" else {}
+    cfg = rlprefix.PPOConfig(steps=25, batch_size=16, minibatch_size=8, epochs=4, max_new_tokens=8, lr=3e-2,
+                             progress=False, chat=False, kl_coef=0.01, **extra)
+    res = rlprefix.ppo(s2s, tok, prefix, SOURCES + ["the food"], reward, cfg)
+    rewards = [h["reward/mean"] for h in res.history]
+    assert sum(rewards[-5:]) / 5 > max(0.5, 2 * rewards[0]), rewards
