@@ -1,4 +1,7 @@
-"""Load a frozen causal LM (hub id, local dir, .gguf file, or the embedded default) and describe its KV shapes."""
+"""Load a frozen language model (hub id, local dir, .gguf file, or the embedded default) and describe its KV shapes.
+
+Decoder-only causal LMs, and encoder-decoder models (T5, BART, ...; their prefix is the decoder's, see rlprefix.seq2seq).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -213,10 +216,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     path = resolve_model_path(name_or_path)
     if dist.world_size > 1 and dist.is_main:
         dist.barrier()
+    seq2seq = is_encoder_decoder(AutoConfig.from_pretrained(path))  # T5, BART, ...: see rlprefix.seq2seq
+    if fsdp and seq2seq:
+        raise ValueError(f"distributed 'fsdp' supports decoder-only models; {name_or_path} is an encoder-decoder "
+                         f"model (use 'replicate')")
     if fsdp and dist.enabled:
         model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
     else:
-        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path

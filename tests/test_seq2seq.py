@@ -250,3 +250,39 @@ def test_ppo_learns_a_toy_reward(s2s, tok, advantage):
     res = rlprefix.ppo(s2s, tok, prefix, SOURCES + ["the food"], reward, cfg)
     rewards = [h["reward/mean"] for h in res.history]
     assert sum(rewards[-5:]) / 5 > max(0.5, 2 * rewards[0]), rewards
+
+
+def test_whole_run_on_a_t5_checkpoint(tmp_path):
+    """`rlprefix run` on a T5 directory: load, warm start, PPO, compress, rlprefix + PEFT export."""
+    from rlprefix.cli import main
+    from test_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, "t5", prefix={"init": "random"})
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "export_peft" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    model, _ = rlprefix.load_model(str(tmp_path / "model"))
+    assert rlprefix.load_prefix(run / "prefix_compressed", model).spec.encoder_decoder
+
+
+def test_evaluate_reward_with_several_prefixes(s2s, tok):
+    prefix = kv_prefix(s2s)
+
+    def length(prompts, completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    both = rlprefix.evaluate_reward(s2s, tok, {"base": None, "prefix": prefix}, SOURCES, length, chat=False,
+                                    max_new_tokens=6)
+    alone = rlprefix.evaluate_reward(s2s, tok, prefix, SOURCES, length, chat=False, max_new_tokens=6)
+    assert both["prefix"].completions == alone.completions and both["base"].kl == 0.0
+    assert both["prefix"].kl == pytest.approx(alone.kl, abs=1e-4)
+
+
+def test_server_refuses_an_encoder_decoder_model(tmp_path):
+    pytest.importorskip("fastapi")
+    from rlprefix.prefix_store import PrefixStore
+    from rlprefix.serve import Server
+
+    model = tiny_model("t5")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        Server(model, tiny_tokenizer(), PrefixStore(model, tmp_path), "t5")
