@@ -286,3 +286,13 @@ def test_server_refuses_an_encoder_decoder_model(tmp_path):
     model = tiny_model("t5")
     with pytest.raises(ValueError, match="encoder-decoder"):
         Server(model, tiny_tokenizer(), PrefixStore(model, tmp_path), "t5")
+
+
+def test_even_decoder_depth_leaves_pefts_odd_slots_unread(tok):
+    """BART here has 2 decoder layers: in PEFT's layout both read slot 0, so slot 1 gets no gradient."""
+    bart = tiny_model("bart", sharpen=3.0)
+    prefix = kv_prefix(bart)
+    ids, mask = sources(tok)
+    comp, cmask = completions(len(SOURCES))
+    seq2seq.score_completions(bart, ids, mask, comp, cmask, prefix).logprobs.sum().backward()
+    assert prefix.kv.grad[0].abs().sum() > 0 and prefix.kv.grad[1].abs().sum() == 0
