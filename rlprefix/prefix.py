@@ -26,7 +26,8 @@ KINDS = ("kv", "mlp", "prompt", "shared")
 
 
 class Prefix(nn.Module):
-    """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long."""
+    """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long. For an encoder-decoder
+    model the layers are its decoder's, in PEFT's slot order (see rlprefix.seq2seq)."""
 
     def __init__(self, spec: KVSpec, length: int, kind: PrefixKind = "mlp", *, mlp_hidden: int = 512,
                  mlp_input_dim: int | None = None, init_kv: torch.Tensor | None = None,

@@ -160,7 +160,8 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     if is_encoder_decoder(model):
         from . import seq2seq  # here: seq2seq builds on this module
         return seq2seq.score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix,
-                                         kv=kv, temperature=temperature, output_hidden=output_hidden)
+                                         kv=kv, temperature=temperature, output_hidden=output_hidden,
+                                         share_prompts=share_prompts)
     rows = prompt_ids.shape[0]
     if share_prompts:
         first, inverse = distinct_rows(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
 
 from . import generation, runtime
 from .modeling import is_encoder_decoder, kv_spec
@@ -74,35 +75,49 @@ def right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return ids.gather(1, order), mask.gather(1, order)
 
 
+def encode(model, input_ids, attention_mask, share: bool = True):
+    """(encoder outputs, right-padded source mask). The encoder carries no prefix, so with `share` rows with the same
+    source (k completions per prompt, as in group-based RL) run it once and the result is indexed out to all."""
+    device = model.device
+    ids, mask = right_padded(input_ids.to(device), attention_mask.to(device))
+    first, inverse = runtime.distinct_rows(torch.cat([ids, mask], dim=1)) if share else (None, None)
+    if first is None or len(first) == len(ids):
+        return model.get_encoder()(input_ids=ids, attention_mask=mask), mask
+    hidden = model.get_encoder()(input_ids=ids[first], attention_mask=mask[first]).last_hidden_state
+    return BaseModelOutput(last_hidden_state=hidden[inverse]), mask
+
+
 def forward(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None, prefix=None, *,
-            kv=None, output_hidden: bool = False) -> runtime.ForwardOutput:
+            kv=None, output_hidden: bool = False, share_sources: bool = True) -> runtime.ForwardOutput:
     """Source + decoder inputs -> the decoder's logits, with the prefix on the decoder's self-attention."""
     if kv is None:
         kv = runtime.prefix_kv(model, prefix)
     length = 0 if kv is None else kv.shape[2]
-    device = model.device
-    input_ids, attention_mask = right_padded(input_ids.to(device), attention_mask.to(device))
-    decoder_input_ids = decoder_input_ids.to(device)
+    encoded, mask = encode(model, input_ids, attention_mask, share_sources)
+    decoder_input_ids = decoder_input_ids.to(model.device)
     batch = decoder_input_ids.shape[0]
     if decoder_attention_mask is None:
         decoder_attention_mask = torch.ones_like(decoder_input_ids)
-    dmask = torch.cat([decoder_attention_mask.new_ones(batch, length), decoder_attention_mask.to(device)], dim=1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+    dmask = torch.cat([decoder_attention_mask.new_ones(batch, length), decoder_attention_mask.to(model.device)], 1)
+    out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=dmask, past_key_values=build_cache(model, kv, batch), use_cache=True,
                 output_hidden_states=output_hidden)
     return runtime.ForwardOutput(out.logits, out.decoder_hidden_states[-1] if output_hidden else None)
 
 
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *, kv=None,
-                      temperature: float = 1.0, output_hidden: bool = False, **_) -> runtime.SequenceScores:
+                      temperature: float = 1.0, output_hidden: bool = False,
+                      share_prompts: bool = True) -> runtime.SequenceScores:
     """Log-probs of decoder tokens (the completion) given sources: one forward, decoder inputs = start + completion
-    shifted right. Rows are right-padded after their end, so the causal decoder never sees that padding."""
+    shifted right. Rows are right-padded after their end, so the causal decoder never sees that padding. With
+    `share_prompts` the encoder runs once per distinct source."""
     completion_ids = completion_ids.to(model.device)
     start = completion_ids.new_full((completion_ids.shape[0], 1), decoder_start_id(model))
     decoder_ids = torch.cat([start, completion_ids[:, :-1]], dim=1)
     cmask = completion_mask.to(model.device)
     decoder_mask = torch.cat([torch.ones_like(cmask[:, :1]), cmask[:, :-1]], dim=1)
-    out = forward(model, prompt_ids, prompt_mask, decoder_ids, decoder_mask, prefix, kv=kv, output_hidden=output_hidden)
+    out = forward(model, prompt_ids, prompt_mask, decoder_ids, decoder_mask, prefix, kv=kv,
+                  output_hidden=output_hidden, share_sources=share_prompts)
     return runtime.SequenceScores(runtime.logprobs_of(out.logits, completion_ids, temperature), out.logits, out.hidden)
 
 
@@ -143,7 +158,7 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
     ids, mask = right_padded(prompt_ids.to(device), prompt_mask.to(device))
     batch = ids.shape[0]
     length = 0 if kv is None else kv.shape[2]
-    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    encoded, _ = encode(model, ids, mask)
     cache = build_cache(model, kv, batch)
     stop = torch.tensor(generation.eos_ids(model, tokenizer), device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])

@@ -296,3 +296,19 @@ def test_even_decoder_depth_leaves_pefts_odd_slots_unread(tok):
     comp, cmask = completions(len(SOURCES))
     seq2seq.score_completions(bart, ids, mask, comp, cmask, prefix).logprobs.sum().backward()
     assert prefix.kv.grad[0].abs().sum() > 0 and prefix.kv.grad[1].abs().sum() == 0
+
+
+def test_shared_sources_run_the_encoder_once_with_the_same_scores(s2s, tok):
+    ids, mask = sources(tok)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # 3 completions per source
+    comp, cmask = completions(len(ids))
+    prefix = kv_prefix(s2s)
+    rows = []  # the encoder's batch size per call
+    hook = s2s.get_encoder().register_forward_hook(lambda mod, args, out: rows.append(out[0].shape[0]))
+    try:
+        shared = score_completions(s2s, ids, mask, comp, cmask, prefix, share_prompts=True).logprobs
+        apart = score_completions(s2s, ids, mask, comp, cmask, prefix, share_prompts=False).logprobs
+    finally:
+        hook.remove()
+    assert rows == [len(SOURCES), len(ids)]
+    assert torch.allclose(shared, apart, atol=1e-5)
