@@ -8,19 +8,18 @@ Conventions (the same as PEFT's prefix tuning, so exported prefixes give the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from . import sharding
-from .artifacts import ModelMismatchError
-from .modeling import KVSpec, is_encoder_decoder, kv_spec
+from . import seq2seq, sharding
+from .modeling import is_encoder_decoder, kv_spec
+from .primitives import (ForwardOutput, SequenceScores, cache_layers, cache_to_kv, check_family, distinct_rows,
+                         entropy_of, logprobs_of, model_dtype, prefix_kv)
 
-
-def model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+# defined in rlprefix.primitives (shared with rlprefix.seq2seq), and part of this module's interface as before
+__all__ = ["model_dtype", "build_cache", "cache_layers", "cache_to_kv", "text_kv", "check_family", "prefix_kv",
+           "position_ids", "ForwardOutput", "forward", "logprobs_of", "entropy_of", "SequenceScores",
+           "distinct_rows", "score_completions"]
 
 
 def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache:
@@ -47,22 +46,6 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
     return cache
 
 
-# ---- caches back to K/V: the inverse of build_cache ------------------------------------------------------------
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
-def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
-    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
-    out = []
-    for k, v in cache_layers(cache):
-        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
-    return torch.stack(out)
-
-
 @torch.no_grad()
 def text_kv(model, ids: list[int]) -> torch.Tensor:
     """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
@@ -70,33 +53,10 @@ def text_kv(model, ids: list[int]) -> torch.Tensor:
     return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 
 
-def check_family(spec: KVSpec, model, what: str = "the prefix") -> None:
-    """A clear error for a decoder-only model's prefix on an encoder-decoder model, and the other way round."""
-    have = kv_spec(model)
-    if spec.encoder_decoder != have.encoder_decoder:
-        raise ModelMismatchError(f"{what} was made for a {spec.family} model [{spec.describe()}] but the model is "
-                                 f"{have.family} [{have.describe()}]; a prefix only fits the family it was made for")
-
-
-def prefix_kv(model, prefix) -> torch.Tensor | None:
-    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
-    if prefix is None or prefix.length == 0:
-        return None
-    if getattr(prefix, "spec", None) is not None:
-        check_family(prefix.spec, model)
-    return prefix.key_values(model)
-
-
 def position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
     """Positions counted over real tokens only, starting at `offset` (the prefix length)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0) + offset
-
-
-@dataclass
-class ForwardOutput:
-    logits: torch.Tensor               # [B, T_kept, V]
-    hidden: torch.Tensor | None        # [B, T_kept, H], final hidden states (after the final norm)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None, *,
@@ -119,33 +79,6 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix
     return ForwardOutput(out.logits, hidden)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature), gathered per position."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-@dataclass
-class SequenceScores:
-    logprobs: torch.Tensor             # [B, Tc] log p of each completion token
-    logits: torch.Tensor               # [B, Tc, V] the logits that predicted them
-    hidden: torch.Tensor | None        # [B, Tc, H] hidden states at the predicting positions
-
-
-def distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `key` [B, ...] that are alike: (first [U], the first row of each distinct value; inverse [B], which
-    distinct value each row has), so `x[first][inverse]` equals `x` for anything determined by the key."""
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    rows = torch.arange(key.shape[0], device=inverse.device)
-    first = torch.full((unique.shape[0],), key.shape[0], dtype=torch.long, device=inverse.device)
-    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
-
-
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *,
                       kv=None, temperature: float = 1.0, output_hidden: bool = False,
                       share_prompts: bool = True) -> SequenceScores:
@@ -158,7 +91,6 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
     if is_encoder_decoder(model):
-        from . import seq2seq  # here: seq2seq builds on this module
         return seq2seq.score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix,
                                          kv=kv, temperature=temperature, output_hidden=output_hidden,
                                          share_prompts=share_prompts)

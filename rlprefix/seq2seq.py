@@ -32,8 +32,9 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import generation, runtime
+from . import primitives
 from .modeling import is_encoder_decoder, kv_spec
+from .primitives import Rollout, SequenceScores
 
 __all__ = ["is_encoder_decoder", "peft_slots", "build_cache", "forward", "score_completions", "sample"]
 
@@ -60,7 +61,7 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> EncoderDecod
         if kv.dim() != 4 or kv.shape[0] != spec.num_layers or kv.shape[1] != 2 or kv.shape[3] != spec.kv_dim:
             raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
                              f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
-        kv = kv.to(device=model.device, dtype=runtime.model_dtype(model))
+        kv = kv.to(device=model.device, dtype=primitives.model_dtype(model))
         length = kv.shape[2]
         for layer, slot in enumerate(peft_slots(spec.num_layers)):
             k, v = (kv[slot, i].view(length, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
@@ -80,7 +81,7 @@ def encode(model, input_ids, attention_mask, share: bool = True):
     source (k completions per prompt, as in group-based RL) run it once and the result is indexed out to all."""
     device = model.device
     ids, mask = right_padded(input_ids.to(device), attention_mask.to(device))
-    first, inverse = runtime.distinct_rows(torch.cat([ids, mask], dim=1)) if share else (None, None)
+    first, inverse = primitives.distinct_rows(torch.cat([ids, mask], dim=1)) if share else (None, None)
     if first is None or len(first) == len(ids):
         return model.get_encoder()(input_ids=ids, attention_mask=mask), mask
     hidden = model.get_encoder()(input_ids=ids[first], attention_mask=mask[first]).last_hidden_state
@@ -88,10 +89,10 @@ def encode(model, input_ids, attention_mask, share: bool = True):
 
 
 def forward(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None, prefix=None, *,
-            kv=None, output_hidden: bool = False, share_sources: bool = True) -> runtime.ForwardOutput:
+            kv=None, output_hidden: bool = False, share_sources: bool = True) -> primitives.ForwardOutput:
     """Source + decoder inputs -> the decoder's logits, with the prefix on the decoder's self-attention."""
     if kv is None:
-        kv = runtime.prefix_kv(model, prefix)
+        kv = primitives.prefix_kv(model, prefix)
     length = 0 if kv is None else kv.shape[2]
     encoded, mask = encode(model, input_ids, attention_mask, share_sources)
     decoder_input_ids = decoder_input_ids.to(model.device)
@@ -102,12 +103,12 @@ def forward(model, input_ids, attention_mask, decoder_input_ids, decoder_attenti
     out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=dmask, past_key_values=build_cache(model, kv, batch), use_cache=True,
                 output_hidden_states=output_hidden)
-    return runtime.ForwardOutput(out.logits, out.decoder_hidden_states[-1] if output_hidden else None)
+    return primitives.ForwardOutput(out.logits, out.decoder_hidden_states[-1] if output_hidden else None)
 
 
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *, kv=None,
                       temperature: float = 1.0, output_hidden: bool = False,
-                      share_prompts: bool = True) -> runtime.SequenceScores:
+                      share_prompts: bool = True) -> SequenceScores:
     """Log-probs of decoder tokens (the completion) given sources: one forward, decoder inputs = start + completion
     shifted right. Rows are right-padded after their end, so the causal decoder never sees that padding. With
     `share_prompts` the encoder runs once per distinct source."""
@@ -118,20 +119,20 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     decoder_mask = torch.cat([torch.ones_like(cmask[:, :1]), cmask[:, :-1]], dim=1)
     out = forward(model, prompt_ids, prompt_mask, decoder_ids, decoder_mask, prefix, kv=kv,
                   output_hidden=output_hidden, share_sources=share_prompts)
-    return runtime.SequenceScores(runtime.logprobs_of(out.logits, completion_ids, temperature), out.logits, out.hidden)
+    return SequenceScores(primitives.logprobs_of(out.logits, completion_ids, temperature), out.logits, out.hidden)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *, kv=None,
            bank=None, prefix_index: torch.Tensor | None = None, groups: int = 1, row_seeds: list[int] | None = None,
-           decode: bool = True, **kw) -> generation.Rollout:
+           decode: bool = True, **kw) -> Rollout:
     """`generation.sample` / `engine.sample` for an encoder-decoder model (same keywords, same Rollout; sources come
     back right-padded). Per-row prefixes (`bank` + `prefix_index`) run as one batch per prefix."""
     if groups != 1:
         raise ValueError("prompt ensembling (groups > 1) is not supported on encoder-decoder models")
     if bank is None or prefix_index is None:
         if kv is None:
-            kv = runtime.prefix_kv(model, prefix)
+            kv = primitives.prefix_kv(model, prefix)
         return _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, **kw)
     rows = prompt_ids.shape[0]
     parts = []
@@ -150,7 +151,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *, max_new_tokens: int = 64,
             min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             do_sample: bool = True, generator: torch.Generator | None = None, return_hidden: bool = False,
-            force_tokens: torch.Tensor | None = None) -> generation.Rollout:
+            force_tokens: torch.Tensor | None = None) -> Rollout:
     """The reference loop: run the encoder once, then the decoder one token at a time against the prefix cache."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
@@ -160,9 +161,9 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
     length = 0 if kv is None else kv.shape[2]
     encoded, _ = encode(model, ids, mask)
     cache = build_cache(model, kv, batch)
-    stop = torch.tensor(generation.eos_ids(model, tokenizer), device=device)
+    stop = torch.tensor(primitives.eos_ids(model, tokenizer), device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
-    row_gens = generation.row_generators(row_seeds, batch)
+    row_gens = primitives.row_generators(row_seeds, batch)
     if force_tokens is not None:
         max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
     inputs = torch.full((batch, 1), decoder_start_id(model), dtype=torch.long, device=device)
@@ -180,9 +181,9 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
         if force_tokens is not None:
             nxt = force_tokens[:, step].to(device)
         else:
-            nxt = generation.next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p,
+            nxt = primitives.next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p,
                                          row_gens, generator)
-        lp = runtime.logprobs_of(logits, nxt, temperature)
+        lp = primitives.logprobs_of(logits, nxt, temperature)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         alive.append(~done)
         tokens.append(nxt)
@@ -196,10 +197,10 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
     cmask = torch.stack(alive, 1).long()
     texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0, pad), skip_special_tokens=True) if decode else []
     hidden = torch.stack(hiddens, 1) if return_hidden else None
-    return generation.Rollout(ids, mask, completion, cmask, torch.stack(logps, 1), texts, hidden)
+    return Rollout(ids, mask, completion, cmask, torch.stack(logps, 1), texts, hidden)
 
 
-def _merge(parts, rows: int, tokenizer, decode: bool) -> generation.Rollout:
+def _merge(parts, rows: int, tokenizer, decode: bool) -> Rollout:
     """One Rollout from per-prefix sub-batches (`parts`: (row indices, Rollout)), in the original row order."""
     def gather(name, fill):
         tensors = [getattr(r, name) for _, r in parts]
@@ -217,5 +218,5 @@ def _merge(parts, rows: int, tokenizer, decode: bool) -> generation.Rollout:
         for sel, r in parts:
             for j, text in zip(sel.tolist(), r.texts):
                 texts[j] = text
-    return generation.Rollout(gather("prompt_ids", pad), gather("prompt_mask", 0), gather("completion_ids", pad),
+    return Rollout(gather("prompt_ids", pad), gather("prompt_mask", 0), gather("completion_ids", pad),
                               gather("completion_mask", 0), gather("logprobs", 0.0), texts, gather("hidden", 0.0))
