@@ -17,7 +17,7 @@ from torch import nn
 
 from . import sharding
 from .artifacts import load_prefix, register_kind, save_prefix
-from .modeling import KVSpec, is_encoder_decoder, kv_spec
+from .modeling import KVSpec, kv_spec
 from .runtime import cache_to_kv, text_kv
 from .shared_prefix import default_shared_dim, init_shared, shared_key_values
 
@@ -91,11 +91,10 @@ class Prefix(nn.Module):
         """Initialise from real words: the frozen model's own K/V for `text` (tiled to `length` tokens).
 
         With kind "kv" the prefix then acts exactly as if the text preceded every input; this is
-        the initialisation Li & Liang recommend, and the one Cartridges uses.
+        the initialisation Li & Liang recommend, and the one Cartridges uses. On an encoder-decoder model the K/V
+        are the decoder's for `text` with a neutral source (the encoder on EOS alone), in PEFT's slot order; see
+        rlprefix.seq2seq for what that means with an even number of decoder layers.
         """
-        if is_encoder_decoder(model):  # the decoder's K/V for words depend on a source: no natural choice
-            raise ValueError("Prefix.from_text is not supported on encoder-decoder models (the decoder's K/V for a "
-                             "text depend on the source); use Prefix.for_model")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("prefix init text is empty after tokenisation")

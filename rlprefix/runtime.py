@@ -48,7 +48,10 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
 
 @torch.no_grad()
 def text_kv(model, ids: list[int]) -> torch.Tensor:
-    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
+    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU). On an
+    encoder-decoder model: the decoder's, with a neutral source, in PEFT's slot order (`seq2seq.text_kv`)."""
+    if is_encoder_decoder(model):
+        return seq2seq.text_kv(model, ids)
     out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
     return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 

@@ -23,6 +23,17 @@ gradient and are exported unchanged); with an odd number every layer reads a slo
 prefix in PEFT's slot order ([L, 2, P, kv_dim], slot s = PEFT's rows 2s, 2s+1), so the export is the same permute
 as for a decoder-only model.
 
+Text initialisation (`Prefix.from_text`, the pipeline's default `prefix.init: text`): the decoder's self-attention
+K/V for a text depend on the source it cross-attends to, so `text_kv` fixes one, the **neutral source**: the encoder
+run on the single token EOS (`config.eos_token_id`: T5's `</s>`, BART's `</s>`), about the least a source can say.
+The text is the decoder's input on its own (no decoder start token before it, as decoder-only text K/V have no BOS),
+so it takes positions 0..P-1 and the decoder's real tokens P, P+1, ... follow it. Each decoder layer's K/V go to the
+slot it reads (2l mod L). With an odd number of decoder layers a "kv" prefix so made acts exactly as if the text
+preceded the decoder's input with the neutral source (with another source the text would have had other K/V from
+the first cross-attention on); with an even number, layers l and l + L/2 share a slot, which gets the lower layer's
+K/V (layer l + L/2 then starts from layer l's K/V of the text: an approximation, a starting point for training),
+and the unread slots are zero.
+
 Sources are right-padded here whatever the caller passed (BART's learned encoder positions count from the first
 column), and sampling is the reference loop: the encoder once, then the decoder token by token.
 """
@@ -36,7 +47,7 @@ from . import primitives
 from .modeling import is_encoder_decoder, kv_spec
 from .primitives import Rollout, SequenceScores
 
-__all__ = ["is_encoder_decoder", "peft_slots", "build_cache", "forward", "score_completions", "sample"]
+__all__ = ["is_encoder_decoder", "peft_slots", "build_cache", "text_kv", "forward", "score_completions", "sample"]
 
 
 def peft_slots(num_layers: int) -> list[int]:
@@ -68,6 +79,44 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> EncoderDecod
                     .unsqueeze(0).expand(batch_size, -1, -1, -1) for i in (0, 1))
             self_cache.update(k, v, layer)
     return EncoderDecoderCache(self_cache, DynamicCache())
+
+
+def neutral_source_id(model) -> int:
+    """The token of the neutral source that text K/V are computed with: the model's EOS."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is not None:
+            return int(eos)
+    raise ValueError(f"the {model.config.model_type!r} model has no eos_token_id in its config")
+
+
+def to_slots(per_layer: torch.Tensor) -> torch.Tensor:
+    """Per-decoder-layer K/V [L, 2, P, kv_dim] -> PEFT's slot order: slot 2l mod L gets layer l's K/V; a slot two
+    layers read gets the lower one's, a slot no layer reads is zero."""
+    slots = torch.zeros_like(per_layer)
+    for layer, slot in reversed(list(enumerate(peft_slots(per_layer.shape[0])))):  # lower layers written last
+        slots[slot] = per_layer[layer]
+    return slots
+
+
+@torch.no_grad()
+def decoder_text_kv(model, ids: list[int]) -> torch.Tensor:
+    """The decoder's self-attention K/V per decoder layer ([L, 2, len, kv_dim], float32, CPU) for decoder input `ids`
+    with the neutral source (the encoder on [EOS])."""
+    device = model.device
+    source = torch.tensor([[neutral_source_id(model)]], device=device)
+    mask = torch.ones_like(source)
+    out = model(encoder_outputs=model.get_encoder()(input_ids=source, attention_mask=mask), attention_mask=mask,
+                decoder_input_ids=torch.tensor([ids], device=device), use_cache=True)
+    return primitives.cache_to_kv(out.past_key_values.self_attention_cache, kv_spec(model)).float().cpu()
+
+
+def text_kv(model, ids: list[int]) -> torch.Tensor:
+    """A prefix's K/V ([L, 2, len, kv_dim] in PEFT's slot order, float32, CPU) from the words `ids`: the decoder's
+    own K/V for them with the neutral source (see the module docstring)."""
+    return to_slots(decoder_text_kv(model, ids))
 
 
 def right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import rlprefix
 from rlprefix import engine, seq2seq
@@ -146,8 +147,64 @@ def test_save_load_and_family_errors(s2s, tmp_path):
 def test_unsupported_kinds_are_refused(s2s, tok):
     with pytest.raises(ValueError, match="'prompt' prefix"):
         rlprefix.Prefix.for_model(s2s, 4, "prompt")
-    with pytest.raises(ValueError, match="from_text is not supported on encoder-decoder"):
-        rlprefix.Prefix.from_text(s2s, tok, "hello world")
+    with pytest.raises(ValueError, match="'prompt' prefix"):
+        rlprefix.Prefix.from_text(s2s, tok, "hello world", kind="prompt")
+
+
+# ---- text initialisation: the decoder's K/V for the text, with the neutral source (the encoder on EOS) -----------
+def decoder_cache_kv(model, text_ids):
+    """Per decoder layer, the self-attention cache of the decoder run on `text_ids` with the source [EOS]."""
+    source = torch.tensor([[model.config.eos_token_id]])
+    out = model(input_ids=source, attention_mask=torch.ones_like(source), decoder_input_ids=torch.tensor([text_ids]),
+                use_cache=True)
+    return [torch.stack([x[0].transpose(0, 1).reshape(len(text_ids), -1) for x in (layer.keys, layer.values)])
+            for layer in out.past_key_values.self_attention_cache.layers]
+
+
+@pytest.mark.parametrize("kind", ["kv", "mlp", "shared"])
+def test_text_init_is_the_decoders_kv_in_pefts_slots(s2s, tok, kind):
+    """T5 here has 3 decoder layers (slots 0, 2, 1: each its own), BART 2 (both read slot 0, slot 1 unread)."""
+    text = "positive review"
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+    prefix = rlprefix.Prefix.from_text(s2s, tok, text, kind=kind)
+    spec = rlprefix.kv_spec(s2s)
+    assert prefix.length == len(text_ids) and prefix.init_ids == text_ids
+    kv = prefix.key_values(s2s).detach()
+    assert kv.shape == (spec.num_layers, 2, len(text_ids), spec.kv_dim)
+    cache = decoder_cache_kv(s2s, text_ids)
+    slots = seq2seq.peft_slots(spec.num_layers)
+    for layer in range(spec.num_layers):
+        if slots.index(slots[layer]) == layer:  # the lowest layer reading this slot owns it
+            assert (kv[slots[layer]] - cache[layer]).abs().max() < 1e-5, layer
+    for unread in set(range(spec.num_layers)) - set(slots):
+        assert kv[unread].abs().max() == 0
+    if s2s.config.model_type == "t5":
+        assert sorted(slots) == [0, 1, 2]  # every layer's own K/V: nothing was skipped above
+
+
+@pytest.mark.parametrize("length", [2, 7])
+def test_text_init_truncates_and_tiles_like_decoder_only(s2s, tok, length):
+    text = "positive review"
+    once = tok(text, add_special_tokens=False)["input_ids"]
+    again = tok(" " + text, add_special_tokens=False)["input_ids"]
+    want = (once + again * length)[:length]
+    prefix = rlprefix.Prefix.from_text(s2s, tok, text, length, kind="kv")
+    assert prefix.length == length and prefix.init_ids == want
+    assert torch.allclose(prefix.kv.detach(), seq2seq.text_kv(s2s, want))
+
+
+def test_text_init_acts_like_the_text_before_the_decoder_input(tok):
+    """With an odd number of decoder layers (T5 here: 3) a "kv" text prefix gives exactly the logits of the text
+    prepended to the decoder's input, with the neutral source."""
+    t5 = tiny_model("t5", sharpen=3.0)
+    text_ids = tok("positive review", add_special_tokens=False)["input_ids"]
+    prefix = rlprefix.Prefix.from_text(t5, tok, "positive review", kind="kv")
+    source = torch.tensor([[t5.config.eos_token_id]])
+    decoder = torch.tensor([[seq2seq.decoder_start_id(t5), 17, 42, 99]])
+    with_prefix = seq2seq.forward(t5, source, torch.ones_like(source), decoder, prefix=prefix).logits
+    plain = t5(input_ids=source, attention_mask=torch.ones_like(source),
+               decoder_input_ids=torch.cat([torch.tensor([text_ids]), decoder], 1)).logits[:, len(text_ids):]
+    assert (with_prefix - plain).abs().max() < 1e-4
 
 
 # ---- warm start on (source, target) pairs ---------------------------------------------------------------------
@@ -253,16 +310,21 @@ def test_ppo_learns_a_toy_reward(s2s, tok, advantage):
 
 
 def test_whole_run_on_a_t5_checkpoint(tmp_path):
-    """`rlprefix run` on a T5 directory: load, warm start, PPO, compress, rlprefix + PEFT export."""
+    """`rlprefix run` on a T5 directory with the default text init: load, K/V of init_text, warm start, PPO,
+    compress (anchored on the text's K/V), rlprefix + PEFT export."""
     from rlprefix.cli import main
+    from rlprefix.config import PrefixSection
     from test_config import tiny_run_config
 
-    path = tiny_run_config(tmp_path, "t5", prefix={"init": "random"})
+    assert PrefixSection().init == "text"  # the default this run relies on
+    path = tiny_run_config(tmp_path, "t5")
+    assert yaml.safe_load(path.read_text())["prefix"]["init"] == "text"
     assert main(["run", str(path)]) == 0
     run = tmp_path / "run"
     assert json.loads((run / "export_peft" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
     model, _ = rlprefix.load_model(str(tmp_path / "model"))
     assert rlprefix.load_prefix(run / "prefix_compressed", model).spec.encoder_decoder
+    assert rlprefix.load_prefix(run / "prefix_ppo", model).init_ids
 
 
 def test_evaluate_reward_with_several_prefixes(s2s, tok):
