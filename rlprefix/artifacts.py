@@ -8,7 +8,6 @@ manifest config (`register_kind`), so this module needs none of them and they al
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -37,15 +36,20 @@ def register_kind(kinds: tuple[str, ...], builder: Callable[[KVSpec, str, dict],
 
 
 def check_model_match(manifest: dict, model, where: str) -> None:
-    """Refuse a prefix made for another architecture, naming both shapes."""
+    """Refuse a prefix made for another architecture, naming both shapes (and both families: a prefix for an
+    encoder-decoder model's decoder never fits a decoder-only model, nor the other way round)."""
     spec = kv_spec(model)
     want = manifest.get("model", {})
     if want.get("fingerprint") != spec.fingerprint():
         have_s = spec.describe()
-        want_s = (f"{want.get('model_type')}: {want.get('num_layers')} layers x {want.get('num_kv_heads')} kv heads x "
-                  f"head_dim {want.get('head_dim')} (hidden {want.get('hidden_size')}, vocab {want.get('vocab_size')})")
+        family = "encoder-decoder" if want.get("encoder_decoder") else "decoder-only"
+        kind = (f"{want.get('model_type')} (encoder-decoder): {want.get('num_layers')} decoder"
+                if want.get("encoder_decoder") else f"{want.get('model_type')}: {want.get('num_layers')}")
+        want_s = (f"{kind} layers x {want.get('num_kv_heads')} kv heads x head_dim {want.get('head_dim')} "
+                  f"(hidden {want.get('hidden_size')}, vocab {want.get('vocab_size')})")
+        why = "" if family == spec.family else f"; a {family} model's prefix cannot steer a {spec.family} model"
         raise ModelMismatchError(f"{where} was made for a different model: prefix is for [{want_s}] "
-                                 f"but the model is [{have_s}]")
+                                 f"but the model is [{have_s}]{why}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -94,7 +98,7 @@ def base_manifest(spec, kind: str, length: int, dtype: str, name_or_path: str | 
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "rlprefix_version": __version__,
             "kind": kind, "length": length, "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads,
             "head_dim": spec.head_dim, "kv_dim": spec.kv_dim, "dtype": dtype,
-            "model": {**asdict(spec), "fingerprint": spec.fingerprint(), "name_or_path": name_or_path},
+            "model": {**spec.as_dict(), "fingerprint": spec.fingerprint(), "name_or_path": name_or_path},
             "provenance": metadata or {}}
 
 
@@ -134,7 +138,8 @@ def load_prefix(path, model=None):
     if model is not None:
         check_model_match(manifest, model, str(path))
     try:
-        spec = KVSpec(**{k: manifest["model"][k] for k in KVSpec.__dataclass_fields__})
+        spec = KVSpec(**{k: manifest["model"][k] for k in KVSpec.__dataclass_fields__ if k in manifest["model"]
+                         or k != "encoder_decoder"})
         cfg = dict(manifest["config"])
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{path / MANIFEST_FILE} is missing field {e}") from None

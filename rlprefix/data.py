@@ -54,6 +54,13 @@ class SFTExample:
     labels: list[int]  # -100 on prompt tokens: loss on completion tokens only
 
 
+@dataclass
+class Seq2SeqExample(SFTExample):
+    """An encoder-decoder example: `source_ids` go to the encoder; `input_ids` are the decoder's inputs (the start
+    token + the target) and `labels` = -100 + the target, so logits[t] predicts labels[t + 1] as for SFTExample."""
+    source_ids: list[int]
+
+
 def _split_messages(messages) -> tuple[list[dict], str]:
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a 'messages' example must end with an assistant message (its content is the target)")
@@ -61,12 +68,14 @@ def _split_messages(messages) -> tuple[list[dict], str]:
 
 
 def tokenize_sft(ds, tokenizer, max_length: int = 256, chat: bool | None = None,
-                 system: str | None = None) -> list[SFTExample]:
+                 system: str | None = None, decoder_start: int | None = None) -> list[SFTExample]:
     """Prompt/completion (or chat `messages`) rows -> token ids with completion-only labels.
 
     The prompt is rendered as at generation time (chat template when present); the completion ends
     with EOS so the prefix learns to stop. Over-long examples lose completion tokens from the end, and
     the count is reported in one warning; an example with no completion token left is an error.
+    With `decoder_start` (an encoder-decoder model's decoder start token) the rows become Seq2SeqExamples:
+    the prompt is the encoder's source, the completion the decoder's target.
     """
     if "messages" in ds.column_names:
         pairs = []
@@ -90,20 +99,31 @@ def tokenize_sft(ds, tokenizer, max_length: int = 256, chat: bool | None = None,
         if not c_ids:
             raise ValueError(f"example {i}: the prompt alone is {len(p_ids)} tokens, so nothing of the completion "
                              f"fits in max_length={max_length}; raise max_length or shorten the prompt")
-        examples.append(SFTExample(p_ids + c_ids, [-100] * len(p_ids) + c_ids))
+        if decoder_start is not None:
+            examples.append(Seq2SeqExample([decoder_start] + c_ids, [-100] + c_ids, p_ids))
+        else:
+            examples.append(SFTExample(p_ids + c_ids, [-100] * len(p_ids) + c_ids))
     if truncated:
         warnings.warn(f"{truncated} of {len(examples)} examples were longer than max_length={max_length} and "
                       f"lost completion tokens from the end", stacklevel=2)
     return examples
 
 
+def _pad_right(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; positions come from the mask, so padding side does not change the logits."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Right-padded batch; positions come from the mask, so padding side does not change the logits.
+    Seq2SeqExamples also carry `source_ids` / `source_mask` for the encoder."""
+    ids, mask = _pad_right([e.input_ids for e in examples], pad_id)
+    labels, _ = _pad_right([e.labels for e in examples], -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if examples and isinstance(examples[0], Seq2SeqExample):
+        batch["source_ids"], batch["source_mask"] = _pad_right([e.source_ids for e in examples], pad_id)
+    return batch

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 from transformers import StaticCache
 
-from . import sharding
+from . import seq2seq, sharding
 from .generation import Rollout, encode_prompts, eos_ids, filter_logits
-from .modeling import kv_spec
+from .modeling import is_encoder_decoder, kv_spec
 from .runtime import distinct_rows, model_dtype, position_ids, prefix_kv
 
 M32 = 0xFFFFFFFF
@@ -293,6 +293,14 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     tensors, one per output row; finished rows hold the pad token and 0); it may return a bool tensor or list [B/k]
     of rows to finish now (cancelled: no more tokens, mask 0 from step t + 1). See `StepHook`.
     """
+    if is_encoder_decoder(model):  # the reference loop, one batch per prefix (rlprefix.seq2seq)
+        if on_step is not None:
+            raise ValueError("on_step (streaming, cancelling) is not supported on encoder-decoder models")
+        return seq2seq.sample(model, tokenizer, prompt_ids, prompt_mask, prefix, bank=bank, prefix_index=prefix_index,
+                              kv=kv, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                              generator=generator, row_seeds=row_seeds, decode=decode, return_hidden=return_hidden,
+                              groups=groups, force_tokens=force_tokens)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"

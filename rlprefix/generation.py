@@ -6,27 +6,17 @@ agree with a later single forward pass over prompt + completion (see `runtime.sc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from . import sharding
-from .runtime import build_cache, logprobs_of, position_ids, prefix_kv
+from . import seq2seq, sharding
+from .modeling import is_encoder_decoder
+from .primitives import Rollout, eos_ids, filter_logits, logprobs_of, next_tokens, prefix_kv, row_generators
+from .runtime import build_cache, position_ids
 
-
-@dataclass
-class Rollout:
-    prompt_ids: torch.Tensor        # [B, Tp] left-padded
-    prompt_mask: torch.Tensor       # [B, Tp]
-    completion_ids: torch.Tensor    # [B, Tc] right-padded with pad_token_id after EOS
-    completion_mask: torch.Tensor   # [B, Tc] 1 for sampled tokens (EOS included), 0 after
-    logprobs: torch.Tensor          # [B, Tc] log p_T(token) at sampling time (0 where masked)
-    texts: list[str] = field(default_factory=list)
-    hidden: torch.Tensor | None = None  # [B, Tc, H] final hidden state that predicted each token (return_hidden)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(1)
+# Rollout, eos_ids, filter_logits, row_generators and next_tokens are defined in rlprefix.primitives (shared with
+# rlprefix.seq2seq) and are part of this module's interface as before
+__all__ = ["Rollout", "render_prompts", "encode_prompts", "chat_used", "eos_ids", "filter_logits", "row_generators",
+           "next_tokens", "sample", "generate"]
 
 
 def render_prompts(tokenizer, prompts: list[str], chat: bool | None = None, system: str | None = None) -> list[str]:
@@ -58,29 +48,6 @@ def chat_used(tokenizer, chat: bool | None) -> bool:
     return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) + [tokenizer.eos_token_id]:
-        if e is not None:
-            ids.add(int(e))
-    return sorted(ids)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then nucleus filtering (masked logits set to -inf)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return logits
-
-
 @sharding.decode_loop
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix=None, *,
@@ -93,6 +60,11 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     Randomness comes from `generator`, or, with `row_seeds`, from one generator per row: then each row's
     sample depends only on its own seed, not on which other rows share the batch (or the process).
     """
+    if is_encoder_decoder(model):
+        return seq2seq.sample(model, tokenizer, prompt_ids, prompt_mask, prefix, max_new_tokens=max_new_tokens,
+                              min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              do_sample=do_sample, generator=generator, kv=kv, decode=decode,
+                              return_hidden=return_hidden, row_seeds=row_seeds)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     device = model.device
@@ -108,11 +80,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     attn = torch.cat([prompt_mask.new_ones(batch, length), prompt_mask], dim=1)
     pos = position_ids(prompt_mask, length)
     inputs = prompt_ids
-    row_gens = None
-    if row_seeds is not None:
-        if len(row_seeds) != batch:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
-        row_gens = [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
+    row_gens = row_generators(row_seeds, batch)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, alive, hiddens = [], [], [], []
     for step in range(max_new_tokens):
@@ -122,18 +90,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if return_hidden:
             hiddens.append(out.hidden_states[-1][:, -1])
         logits = out.logits[:, -1].float()
-        if step < min_new_tokens:
-            logits[:, stop] = float("-inf")
-        if do_sample:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            if row_gens is not None:  # inverse-CDF sampling with one uniform draw per row from its own stream
-                u = torch.cat([torch.rand(1, generator=g) for g in row_gens]).to(device)
-                cdf = probs.cumsum(-1)
-                nxt = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-            else:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p, row_gens,
+                          generator)
         lp = logprobs_of(logits, nxt, temperature)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         alive.append(~done)

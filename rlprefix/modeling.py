@@ -1,4 +1,7 @@
-"""Load a frozen causal LM (hub id, local dir, .gguf file, or the embedded default) and describe its KV shapes."""
+"""Load a frozen language model (hub id, local dir, .gguf file, or the embedded default) and describe its KV shapes.
+
+Decoder-only causal LMs, and encoder-decoder models (T5, BART, ...; their prefix is the decoder's, see rlprefix.seq2seq).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .distributed import Dist
 from .io import honour_umask
@@ -55,24 +58,41 @@ class KVSpec:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    # an encoder-decoder model (T5, BART): the prefix is on the decoder's self-attention (rlprefix.seq2seq)
+    encoder_decoder: bool = False
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def as_dict(self) -> dict:
+        """The fields, `encoder_decoder` only when set: decoder-only fingerprints and manifests stay as they were."""
+        out = asdict(self)
+        if not self.encoder_decoder:
+            del out["encoder_decoder"]
+        return out
+
     def fingerprint(self) -> str:
         """Stable hash of the architecture; a prefix only loads onto a model with the same one."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @property
+    def family(self) -> str:
+        return "encoder-decoder" if self.encoder_decoder else "decoder-only"
+
     def describe(self) -> str:
-        return (f"{self.model_type}: {self.num_layers} layers x {self.num_kv_heads} kv heads x head_dim "
-                f"{self.head_dim} (hidden {self.hidden_size}, vocab {self.vocab_size})")
+        kind = f"{self.model_type} (encoder-decoder): {self.num_layers} decoder" if self.encoder_decoder else \
+            f"{self.model_type}: {self.num_layers}"
+        return (f"{kind} layers x {self.num_kv_heads} kv heads x head_dim {self.head_dim} (hidden {self.hidden_size}, "
+                f"vocab {self.vocab_size})")
 
 
 def kv_spec(model_or_config) -> KVSpec:
     """Derive layers, key/value heads and head dim from a model or config: MHA, GQA and MQA alike."""
     cfg = getattr(model_or_config, "config", model_or_config)
+    if is_encoder_decoder(cfg):
+        return seq2seq_spec(cfg)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     n_heads = cfg.num_attention_heads
@@ -82,6 +102,25 @@ def kv_spec(model_or_config) -> KVSpec:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     return KVSpec(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers, num_attention_heads=n_heads,
                   num_kv_heads=n_kv, head_dim=head_dim, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+
+
+def is_encoder_decoder(model_or_config) -> bool:
+    """T5, BART and relatives (see rlprefix.seq2seq) rather than a decoder-only causal LM."""
+    return bool(getattr(getattr(model_or_config, "config", model_or_config), "is_encoder_decoder", False))
+
+
+def seq2seq_spec(cfg) -> KVSpec:
+    """An encoder-decoder model's prefix geometry: its decoder's self-attention (T5: num_decoder_layers,
+    num_heads, d_kv; BART and relatives: decoder_layers, decoder_attention_heads, d_model / heads)."""
+    layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None)
+    heads = getattr(cfg, "decoder_attention_heads", None) or getattr(cfg, "num_heads", None)
+    if layers is None or heads is None:
+        raise ValueError(f"cannot read the decoder's layers and heads from the {cfg.model_type!r} config "
+                         f"(looked for num_decoder_layers/decoder_layers and decoder_attention_heads/num_heads)")
+    hidden = getattr(cfg, "d_model", None) or cfg.hidden_size
+    head_dim = getattr(cfg, "d_kv", None) or hidden // heads
+    return KVSpec(model_type=cfg.model_type, num_layers=layers, num_attention_heads=heads, num_kv_heads=heads,
+                  head_dim=head_dim, hidden_size=hidden, vocab_size=cfg.vocab_size, encoder_decoder=True)
 
 
 def _find_packaged_file(alias: str) -> Path:
@@ -177,10 +216,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     path = resolve_model_path(name_or_path)
     if dist.world_size > 1 and dist.is_main:
         dist.barrier()
+    seq2seq = is_encoder_decoder(AutoConfig.from_pretrained(path))  # T5, BART, ...: see rlprefix.seq2seq
+    if fsdp and seq2seq:
+        raise ValueError(f"distributed 'fsdp' supports decoder-only models; {name_or_path} is an encoder-decoder "
+                         f"model (use 'replicate')")
     if fsdp and dist.enabled:
         model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path
     return freeze(model), prepare_tokenizer(tokenizer)

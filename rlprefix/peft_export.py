@@ -2,6 +2,8 @@
 
 PEFT lays the prefix out as `prompt_embeddings` [P, L*2*n_kv*head_dim], viewed as [P, 2L, n_kv, head_dim]
 with row 2l = layer l's key and 2l+1 its value; rlprefix's [L, 2, P, kv_dim] maps onto it by a permute.
+An encoder-decoder model's prefix is exported the same way with task SEQ_2_SEQ_LM and two transformer submodules:
+rlprefix keeps it in PEFT's slot order (see rlprefix.seq2seq for how PEFT reads it).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ def peft_to_kv(emb: torch.Tensor, num_layers: int) -> torch.Tensor:
 def peft_adapter_config(model, length: int) -> dict:
     spec = kv_spec(model)
     return {
-        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": length,
-        "num_layers": spec.num_layers, "token_dim": spec.kv_dim, "num_attention_heads": spec.num_kv_heads,
-        "num_transformer_submodules": 1, "prefix_projection": False, "encoder_hidden_size": spec.kv_dim,
+        "peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM" if spec.encoder_decoder else "CAUSAL_LM",
+        "num_virtual_tokens": length, "num_layers": spec.num_layers, "token_dim": spec.kv_dim,
+        "num_attention_heads": spec.num_kv_heads, "num_transformer_submodules": 2 if spec.encoder_decoder else 1, "prefix_projection": False, "encoder_hidden_size": spec.kv_dim,
         "inference_mode": True, "base_model_name_or_path": getattr(model.config, "name_or_path", None),
         "revision": None, "auto_mapping": None, "modules_to_save": None,
     }

@@ -26,7 +26,8 @@ KINDS = ("kv", "mlp", "prompt", "shared")
 
 
 class Prefix(nn.Module):
-    """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long."""
+    """A trainable prefix for one model architecture (`spec`), `length` virtual tokens long. For an encoder-decoder
+    model the layers are its decoder's, in PEFT's slot order (see rlprefix.seq2seq)."""
 
     def __init__(self, spec: KVSpec, length: int, kind: PrefixKind = "mlp", *, mlp_hidden: int = 512,
                  mlp_input_dim: int | None = None, init_kv: torch.Tensor | None = None,
@@ -37,6 +38,9 @@ class Prefix(nn.Module):
             raise ValueError(f"unknown prefix kind {kind!r}; use one of {KINDS}")
         if length < 0:
             raise ValueError(f"prefix length must be >= 0, got {length}")
+        if kind == "prompt" and spec.encoder_decoder:
+            raise ValueError(f"a 'prompt' prefix (input embeddings) is not supported on an encoder-decoder model "
+                             f"({spec.describe()}); use kind 'kv', 'mlp' or 'shared'")
         self.spec, self.length, self.kind = spec, int(length), kind
         # token ids whose K/V initialised this prefix ("from real words"); kept so compression can factorise
         # only the learned change, since the frozen model recomputes these K/V exactly
@@ -87,7 +91,9 @@ class Prefix(nn.Module):
         """Initialise from real words: the frozen model's own K/V for `text` (tiled to `length` tokens).
 
         With kind "kv" the prefix then acts exactly as if the text preceded every input; this is
-        the initialisation Li & Liang recommend, and the one Cartridges uses.
+        the initialisation Li & Liang recommend, and the one Cartridges uses. On an encoder-decoder model the K/V
+        are the decoder's for `text` with a neutral source (the encoder on EOS alone), in PEFT's slot order; see
+        rlprefix.seq2seq for what that means with an even number of decoder layers.
         """
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:

@@ -8,18 +8,18 @@ Conventions (the same as PEFT's prefix tuning, so exported prefixes give the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from . import sharding
-from .modeling import KVSpec, kv_spec
+from . import seq2seq, sharding
+from .modeling import is_encoder_decoder, kv_spec
+from .primitives import (ForwardOutput, SequenceScores, cache_layers, cache_to_kv, check_family, distinct_rows,
+                         entropy_of, logprobs_of, model_dtype, prefix_kv)
 
-
-def model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+# defined in rlprefix.primitives (shared with rlprefix.seq2seq), and part of this module's interface as before
+__all__ = ["model_dtype", "build_cache", "cache_layers", "cache_to_kv", "text_kv", "check_family", "prefix_kv",
+           "position_ids", "ForwardOutput", "forward", "logprobs_of", "entropy_of", "SequenceScores",
+           "distinct_rows", "score_completions"]
 
 
 def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache:
@@ -31,6 +31,9 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
     if kv is None or kv.shape[2] == 0:
         return cache
     spec = kv_spec(model)
+    if spec.encoder_decoder:
+        raise ValueError(f"build_cache is for decoder-only models; {spec.describe()} takes its prefix through "
+                         f"rlprefix.seq2seq.build_cache")
     if kv.shape[0] != spec.num_layers or kv.shape[3] != spec.kv_dim:
         raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
                          f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
@@ -43,46 +46,20 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache
     return cache
 
 
-# ---- caches back to K/V: the inverse of build_cache ------------------------------------------------------------
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
-def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
-    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
-    out = []
-    for k, v in cache_layers(cache):
-        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
-    return torch.stack(out)
-
-
 @torch.no_grad()
 def text_kv(model, ids: list[int]) -> torch.Tensor:
-    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU)."""
+    """The frozen model's own K/V for a token sequence, as [layers, 2, len, kv_dim] (float32, CPU). On an
+    encoder-decoder model: the decoder's, with a neutral source, in PEFT's slot order (`seq2seq.text_kv`)."""
+    if is_encoder_decoder(model):
+        return seq2seq.text_kv(model, ids)
     out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
     return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
-
-
-def prefix_kv(model, prefix) -> torch.Tensor | None:
-    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
-    if prefix is None or prefix.length == 0:
-        return None
-    return prefix.key_values(model)
 
 
 def position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
     """Positions counted over real tokens only, starting at `offset` (the prefix length)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0) + offset
-
-
-@dataclass
-class ForwardOutput:
-    logits: torch.Tensor               # [B, T_kept, V]
-    hidden: torch.Tensor | None        # [B, T_kept, H], final hidden states (after the final norm)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None, *,
@@ -105,33 +82,6 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix
     return ForwardOutput(out.logits, hidden)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature), gathered per position."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-@dataclass
-class SequenceScores:
-    logprobs: torch.Tensor             # [B, Tc] log p of each completion token
-    logits: torch.Tensor               # [B, Tc, V] the logits that predicted them
-    hidden: torch.Tensor | None        # [B, Tc, H] hidden states at the predicting positions
-
-
-def distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `key` [B, ...] that are alike: (first [U], the first row of each distinct value; inverse [B], which
-    distinct value each row has), so `x[first][inverse]` equals `x` for anything determined by the key."""
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    rows = torch.arange(key.shape[0], device=inverse.device)
-    first = torch.full((unique.shape[0],), key.shape[0], dtype=torch.long, device=inverse.device)
-    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
-
-
 def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix=None, *,
                       kv=None, temperature: float = 1.0, output_hidden: bool = False,
                       share_prompts: bool = True) -> SequenceScores:
@@ -143,6 +93,10 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     the same computation (logits agree to float rounding; gradients reach the prefix through both parts)
     at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
+    if is_encoder_decoder(model):
+        return seq2seq.score_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix,
+                                         kv=kv, temperature=temperature, output_hidden=output_hidden,
+                                         share_prompts=share_prompts)
     rows = prompt_ids.shape[0]
     if share_prompts:
         first, inverse = distinct_rows(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1))

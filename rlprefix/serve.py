@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import Batcher, Row, RowResult
 from .continuous import BankCache, RunningBatch
 from .generation import eos_ids
-from .modeling import load_model
+from .modeling import is_encoder_decoder, load_model
 from .openai_protocol import (APIError, ChatRequest, CompletionRequest, chat_chunk, chat_response,
                               completion_chunk, completion_response, new_id, parse_body, sse, usage, usage_chunk,
                               validate)
@@ -56,6 +56,8 @@ def context_length(model, tok) -> int:
 class Server:
     def __init__(self, model, tok, store: PrefixStore, model_name: str, max_batch: int = 32,
                  wait_s: float = 0.005):
+        if is_encoder_decoder(model):  # the server streams through the engine's on_step, which seq2seq lacks
+            raise ValueError(f"rlprefix serve supports decoder-only models; {model_name} is an encoder-decoder model")
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
         self.metrics = Metrics()
         self.eos = set(eos_ids(model, tok))

@@ -19,8 +19,8 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def tiny_run_config(tmp_path, **over):
-    model_dir = save_tiny(tmp_path / "model", "llama")
+def tiny_run_config(tmp_path, arch="llama", **over):
+    model_dir = save_tiny(tmp_path / "model", arch)
     data = write_jsonl(tmp_path / "reviews.jsonl", REVIEWS)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in REVIEWS])
     cfg = {

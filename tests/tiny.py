@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, GPT2Config, LlamaConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, T5Config)
 
 CORPUS = [
     "The film was wonderful and the actors were great.", "I hated the food, it was cold and bland.",
@@ -60,7 +61,19 @@ def tiny_config(arch: str, vocab_size: int = 320):
                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
                            bos_token_id=1, eos_token_id=1, pad_token_id=0,
                           initializer_range=0.1)
+    if arch == "t5":  # encoder-decoder, relative position bias; d_kv * heads (24) != d_model (32), 3 decoder layers
+        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=6, d_ff=64, num_layers=2, num_decoder_layers=3,
+                        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                        decoder_start_token_id=0, initializer_factor=1.0)
+    if arch == "bart":  # encoder-decoder, learned positions; 2 decoder layers (PEFT's layout then ties them)
+        return BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                          decoder_start_token_id=1, forced_eos_token_id=None, init_std=0.1)
     raise ValueError(arch)
+
+
+SEQ2SEQ_ARCHS = ("t5", "bart")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 1.0):
@@ -69,12 +82,17 @@ def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 1.0):
     from rlprefix.modeling import freeze
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    auto = AutoModelForSeq2SeqLM if arch in SEQ2SEQ_ARCHS else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(arch), dtype=torch.float32)
     model.generation_config.eos_token_id = 1
     if sharpen != 1.0:
         with torch.no_grad():
             if arch == "gpt2":
                 model.transformer.ln_f.weight.mul_(sharpen)  # tied head: scale the final norm instead
+            elif arch == "t5":
+                model.decoder.final_layer_norm.weight.mul_(sharpen)
+            elif arch == "bart":  # post-norm: the last decoder layer's norm is the final one
+                model.model.decoder.layers[-1].final_layer_norm.weight.mul_(sharpen)
             else:
                 model.get_output_embeddings().weight.mul_(sharpen)
     return freeze(model)

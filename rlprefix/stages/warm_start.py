@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .. import seq2seq
 from ..data import SFTExample, collate_sft, load_records, tokenize_sft
 from ..distributed import Dist
 from ..guards import assert_finite
+from ..modeling import is_encoder_decoder
 from ..prefix import Prefix
 from ..runtime import forward
 from ..schedule import lr_at
@@ -89,7 +91,11 @@ def completion_nll(model, prefix, batch: dict, precision: str = "fp32") -> tuple
     device = model.device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with _autocast(model, precision):
-        logits = forward(model, ids, mask, prefix).logits
+        if "source_ids" in batch:  # an encoder-decoder model: the source to the encoder, ids/labels are the decoder's
+            src, src_mask = batch["source_ids"].to(device), batch["source_mask"].to(device)
+            logits = seq2seq.forward(model, src, src_mask, ids, mask, prefix).logits
+        else:
+            logits = forward(model, ids, mask, prefix).logits
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           ignore_index=-100, reduction="sum")
@@ -115,7 +121,7 @@ def evaluate_loss(model, prefix, examples: list[SFTExample], pad_id: int, batch_
 def _content(train: list[SFTExample], prefix: Prefix):
     """The bytes a warm-start checkpoint depends on beyond its settings: the training data, the starting prefix."""
     for ex in train:
-        yield json.dumps([ex.input_ids, ex.labels]).encode()
+        yield json.dumps(list(astuple(ex))).encode()  # [input_ids, labels] (+ source_ids for encoder-decoder)
     for name, t in sorted(prefix.state_dict().items()):
         yield name.encode()
         yield t.detach().float().cpu().numpy().tobytes()
@@ -192,8 +198,9 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
         train_ds, eval_ds = split_dataset(ds, cfg.eval_fraction, cfg.seed)
     else:
         train_ds, eval_ds = ds, load_records(eval_dataset)
-    train = tokenize_sft(train_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system)
-    evals = tokenize_sft(eval_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system)
+    start = seq2seq.decoder_start_id(model) if is_encoder_decoder(model) else None  # (source, target) pairs
+    train = tokenize_sft(train_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system, start)
+    evals = tokenize_sft(eval_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system, start)
     return _Data(train, evals, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, cfg)
 
 

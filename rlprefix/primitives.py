@@ -1,0 +1,154 @@
+"""What both model families' code paths build on: the decoder-only ones (rlprefix.runtime, rlprefix.generation) and
+the encoder-decoder one (rlprefix.seq2seq).
+
+The prefix's K/V and its family check, caches back to K/V, log-probabilities, the records a forward pass and a
+sampling loop return, and the per-token choice of the sampling loops. Nothing here runs a model, so the modules that
+do can import it without importing each other: runtime and generation dispatch to seq2seq at the top of their
+entry points, and seq2seq imports only this module (and modeling), never them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .artifacts import ModelMismatchError
+from .modeling import KVSpec, kv_spec
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# ---- the prefix's K/V --------------------------------------------------------------------------------------------
+def check_family(spec: KVSpec, model, what: str = "the prefix") -> None:
+    """A clear error for a decoder-only model's prefix on an encoder-decoder model, and the other way round."""
+    have = kv_spec(model)
+    if spec.encoder_decoder != have.encoder_decoder:
+        raise ModelMismatchError(f"{what} was made for a {spec.family} model [{spec.describe()}] but the model is "
+                                 f"{have.family} [{have.describe()}]; a prefix only fits the family it was made for")
+
+
+def prefix_kv(model, prefix) -> torch.Tensor | None:
+    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
+    if prefix is None or prefix.length == 0:
+        return None
+    if getattr(prefix, "spec", None) is not None:
+        check_family(prefix.spec, model)
+    return prefix.key_values(model)
+
+
+# ---- caches back to K/V ------------------------------------------------------------------------------------------
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer from a transformers Cache, each [batch, kv_heads, seq, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def cache_to_kv(cache, spec: KVSpec, row: int = 0) -> torch.Tensor:
+    """One batch row of a cache as a [layers, 2, seq, kv_dim] tensor."""
+    out = []
+    for k, v in cache_layers(cache):
+        out.append(torch.stack([x[row].transpose(0, 1).reshape(x.shape[2], spec.kv_dim) for x in (k, v)]))
+    return torch.stack(out)
+
+
+# ---- log-probabilities and what a forward pass returns -----------------------------------------------------------
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature), gathered per position."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor               # [B, T_kept, V]
+    hidden: torch.Tensor | None        # [B, T_kept, H], final hidden states (after the final norm)
+
+
+@dataclass
+class SequenceScores:
+    logprobs: torch.Tensor             # [B, Tc] log p of each completion token
+    logits: torch.Tensor               # [B, Tc, V] the logits that predicted them
+    hidden: torch.Tensor | None        # [B, Tc, H] hidden states at the predicting positions
+
+
+def distinct_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `key` [B, ...] that are alike: (first [U], the first row of each distinct value; inverse [B], which
+    distinct value each row has), so `x[first][inverse]` equals `x` for anything determined by the key."""
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(key.shape[0], device=inverse.device)
+    first = torch.full((unique.shape[0],), key.shape[0], dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
+
+
+# ---- sampling: the record of a batch, and the choice of each token -----------------------------------------------
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor        # [B, Tp] left-padded (an encoder-decoder model's sources: right-padded)
+    prompt_mask: torch.Tensor       # [B, Tp]
+    completion_ids: torch.Tensor    # [B, Tc] right-padded with pad_token_id after EOS
+    completion_mask: torch.Tensor   # [B, Tc] 1 for sampled tokens (EOS included), 0 after
+    logprobs: torch.Tensor          # [B, Tc] log p_T(token) at sampling time (0 where masked)
+    texts: list[str] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # [B, Tc, H] final hidden state that predicted each token (return_hidden)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None:
+            ids.add(int(e))
+    return sorted(ids)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering (masked logits set to -inf)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def row_generators(row_seeds: list[int] | None, batch: int) -> list[torch.Generator] | None:
+    """One CPU generator per row (None without seeds): a row's sample then depends only on its own seed."""
+    if row_seeds is None:
+        return None
+    if len(row_seeds) != batch:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
+    return [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
+
+
+def next_tokens(logits: torch.Tensor, stop: torch.Tensor, block_stop: bool, do_sample: bool, temperature: float,
+                top_k: int, top_p: float, row_gens: list[torch.Generator] | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row from float logits [B, V] (modified in place when `block_stop`: no EOS yet)."""
+    if block_stop:
+        logits[:, stop] = float("-inf")
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    if row_gens is not None:  # inverse-CDF sampling with one uniform draw per row from its own stream
+        u = torch.cat([torch.rand(1, generator=g) for g in row_gens]).to(logits.device)
+        cdf = probs.cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(
+            max=probs.shape[-1] - 1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
