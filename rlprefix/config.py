@@ -215,11 +215,11 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     """Data paths given relative to the config file work from any working directory."""
-    for section, key in (("warm_start", "data"), ("warm_start", "eval_data"), ("ppo", "prompts"),
-                         ("ppo", "eval_prompts"), ("prefix", "from_dir")):
+    for section, key in (("warm_start", "data"), ("warm_start", "eval_data"), ("warm_start", "mix_data"),
+                         ("ppo", "prompts"), ("ppo", "eval_prompts"), ("prefix", "from_dir")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
-        if value and not Path(value).is_absolute():
+        if value and value != "builtin" and not Path(value).is_absolute():
             candidate = base / value
             if candidate.exists():
                 setattr(obj, key, str(candidate.resolve()))

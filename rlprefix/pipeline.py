@@ -23,6 +23,7 @@ from .config import PPOSection, RunConfig, dump_config, stage_config
 from .distributed import Dist
 from .evaluate import evaluate_reward
 from .freshness import check_resume, content_hash
+from .general_text import BUILTIN, source_path
 from .guards import assert_finite
 from .io import atomic_write_json, atomic_write_text, read_json, recover_artifact_dir
 from .lock import OutputLock
@@ -158,6 +159,16 @@ def _prefix_fields(section) -> dict:
     return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)}
 
 
+# Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys
+# at that value, so the keys of earlier runs hold (as for prefix.shared_dim).
+_WS_LATER = {"mix_data": "builtin", "mix_ratio": 0.0, "forgetting_eval": 32}
+
+
+def _warm_start_fields(section) -> dict:
+    """The warm_start section as a stage key; the later settings only where they differ from "as before"."""
+    return {k: v for k, v in asdict(section).items() if not (k in _WS_LATER and v == _WS_LATER[k])}
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -166,11 +177,14 @@ def stage_keys(cfg: RunConfig, eval_kw: dict) -> dict:
     """Each stage's key: the settings and data content its result depends on, chained through the stages
     before it, so a change reruns that stage and every one after it. "data": each data source's content hash."""
     eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
+    mix = cfg.warm_start.mix_data
     data = {"ws_data": content_hash(cfg.warm_start.data), "ws_eval": content_hash(cfg.warm_start.eval_data),
-            "prompts": content_hash(cfg.ppo.prompts)}
+            "prompts": content_hash(cfg.ppo.prompts),
+            "ws_mix": content_hash(source_path(mix)) if mix is not None and mix != BUILTIN else None}
     eval_hash = data["prompts"] if eval_prompts == cfg.ppo.prompts else content_hash(eval_prompts)
     prefix = _key(_prefix_fields(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
-    ws = _key(prefix, asdict(cfg.warm_start), data["ws_data"], data["ws_eval"])
+    ws = _key(prefix, _warm_start_fields(cfg.warm_start), data["ws_data"], data["ws_eval"],
+              *([data["ws_mix"]] if data["ws_mix"] else []))
     ppo = _key(ws if cfg.warm_start.enabled else prefix, asdict(cfg.ppo), cfg.reward, data["prompts"])
     base = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw, eval_hash, cfg.ppo.on_reward_error,
                 cfg.ppo.reward_penalty)
@@ -240,7 +254,7 @@ def _check_checkpoints(cfg: RunConfig, out: Path, markers: Stages, keys: dict) -
     data = keys["data"]
     if cfg.warm_start.enabled and markers.done("warm_start", keys["warm_start"]) is None:
         skip = _NOT_RESUME_PARTS - {"steps"}
-        parts = {f"warm_start.{k}": v for k, v in asdict(cfg.warm_start).items() if k not in skip}
+        parts = {f"warm_start.{k}": v for k, v in _warm_start_fields(cfg.warm_start).items() if k not in skip}
         parts.update({"warm_start.data (content)": data["ws_data"], "warm_start.eval_data (content)": data["ws_eval"],
                       "starting prefix": keys["prefix"]})
         check_resume(out / "warm_start", out / "warm_start" / "checkpoint", parts, cfg.warm_start.steps,
@@ -322,12 +336,19 @@ def stage_warm_start(r: Run, prefix):
         if r.dist.is_main:
             res.prefix.save(r.out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
                                                          "model": cfg.model.name})
-        return {"best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done}
+        info = {"best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done}
+        if res.forgetting:  # general-text perplexity of the best prefix with / without it (rlprefix.general_text)
+            info["forgetting"] = {**res.forgetting, "data": cfg.warm_start.mix_data}
+        if res.mixed:
+            info["mixed"] = {"examples": res.mixed, "ratio": cfg.warm_start.mix_ratio, "data": cfg.warm_start.mix_data}
+        return info
 
     info, prefix = stage(r, "warm_start", r.keys["warm_start"], compute,
                          lambda: load_prefix(r.out / "prefix_warmstart", r.model))
     r.summary["warm_start"] = info
-    r.log(f"warm start: best eval loss {info['best_eval_loss']:.3f} (step {info['best_step']})")
+    r.log(f"warm start: best eval loss {info['best_eval_loss']:.3f} (step {info['best_step']})"
+          + (f", general-text perplexity x{info['forgetting']['forgetting_ratio']:.3f} with the prefix"
+             if "forgetting" in info else ""))
     if cfg.ppo.enabled:
         mid = held_out_eval(r, "eval_warm_start", prefix)
         if mid:
