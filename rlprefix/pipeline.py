@@ -22,6 +22,7 @@ from .artifacts import load_prefix
 from .config import PPOSection, RunConfig, dump_config, stage_config
 from .distributed import Dist
 from .evaluate import evaluate_reward
+from .dynamic_prefix import is_input_conditioned
 from .freshness import check_resume, content_hash
 from .general_text import BUILTIN, source_path
 from .guards import assert_finite
@@ -149,14 +150,18 @@ def plain_kv(prefix, model):
 def new_prefix(section, model, tok, seed: int) -> Prefix:
     """A fresh prefix as the config's `prefix` section describes it (text or random init, any kind)."""
     kw = dict(mlp_hidden=section.mlp_hidden, shared_dim=section.shared_dim)
+    if section.kind == "dynamic":
+        kw = dict(bank_size=section.bank_size)
     if section.init == "text":
         return Prefix.from_text(model, tok, section.init_text, section.length, section.kind, **kw)
     return Prefix.for_model(model, section.length, section.kind, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def _prefix_fields(section) -> dict:
-    """The prefix section as a stage key; shared_dim only when set, so keys of runs from before it are kept."""
-    return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)}
+    """The prefix section as a stage key; shared_dim and bank_size only when they matter (set, kind dynamic), so
+    keys of runs from before them are kept."""
+    return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)
+            and not (k == "bank_size" and section.kind != "dynamic")}
 
 
 # Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys
@@ -332,7 +337,8 @@ def stage_warm_start(r: Run, prefix):
         res = warm_start_stage.warm_start(r.model, r.tok, prefix, cfg.warm_start.data, ws_cfg,
                                           eval_dataset=cfg.warm_start.eval_data, output_dir=r.out / "warm_start",
                                           dist=r.dist, tensorboard=cfg.logging.tensorboard)
-        assert_finite("warm-start prefix", res.steps_done, res.prefix.key_values(r.model))
+        assert_finite("warm-start prefix", res.steps_done,
+                      *(res.prefix.parameters() if is_input_conditioned(res.prefix) else [res.prefix.key_values(r.model)]))
         if r.dist.is_main:
             res.prefix.save(r.out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
                                                          "model": cfg.model.name})

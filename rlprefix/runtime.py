@@ -25,20 +25,23 @@ def model_dtype(model) -> torch.dtype:
 def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache:
     """A fresh DynamicCache holding the prefix K/V ([layers, 2, P, kv_dim]) for `batch_size` rows.
 
-    The K/V are expanded (a view, not a copy) across the batch; gradients flow back into `kv`.
+    The K/V are expanded (a view, not a copy) across the batch; gradients flow back into `kv`. Per-row K/V
+    ([batch, layers, 2, P, kv_dim], an input-conditioned prefix) give each row its own.
     """
     cache = DynamicCache()
-    if kv is None or kv.shape[2] == 0:
+    if kv is None or kv.shape[-2] == 0:
         return cache
     spec = kv_spec(model)
-    if kv.shape[0] != spec.num_layers or kv.shape[3] != spec.kv_dim:
+    rows = kv if kv.dim() == 5 else kv.unsqueeze(0)
+    if rows.shape[1] != spec.num_layers or rows.shape[4] != spec.kv_dim or rows.shape[0] not in (1, batch_size):
         raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
-                         f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
-    kv = kv.to(device=model.device, dtype=model_dtype(model))
-    length = kv.shape[2]
+                         f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()}), or one per row of "
+                         f"the {batch_size}")
+    rows = rows.to(device=model.device, dtype=model_dtype(model))
+    length = rows.shape[3]
     for layer in range(spec.num_layers):
-        k, v = (kv[layer, i].view(length, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
-                .unsqueeze(0).expand(batch_size, -1, -1, -1) for i in (0, 1))
+        k, v = (rows[:, layer, i].view(rows.shape[0], length, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+                .expand(batch_size, -1, -1, -1) for i in (0, 1))
         cache.update(k, v, layer)
     return cache
 
@@ -66,10 +69,15 @@ def text_kv(model, ids: list[int]) -> torch.Tensor:
     return cache_to_kv(out.past_key_values, kv_spec(model)).float().cpu()
 
 
-def prefix_kv(model, prefix) -> torch.Tensor | None:
-    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
+def prefix_kv(model, prefix, input_ids: torch.Tensor | None = None,
+              route_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one). An input-conditioned
+    prefix (kind dynamic) gives per-row K/V [rows, layers, 2, P, kv_dim] for `input_ids`, routed on the tokens
+    where `route_mask` is 1."""
     if prefix is None or prefix.length == 0:
         return None
+    if getattr(prefix, "input_conditioned", False):
+        return prefix.key_values(model, input_ids, route_mask)
     return prefix.key_values(model)
 
 
@@ -86,11 +94,13 @@ class ForwardOutput:
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None, *,
-            kv: torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden: bool = False) -> ForwardOutput:
-    """One forward pass over full sequences with the prefix attached (pass `kv` to reuse computed K/V)."""
+            kv: torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden: bool = False,
+            route_mask: torch.Tensor | None = None) -> ForwardOutput:
+    """One forward pass over full sequences with the prefix attached (pass `kv` to reuse computed K/V).
+    `route_mask`: the prompt tokens an input-conditioned prefix routes on (default: every real token)."""
     if kv is None:
-        kv = prefix_kv(model, prefix)
-    length = 0 if kv is None else kv.shape[2]
+        kv = prefix_kv(model, prefix, input_ids, attention_mask if route_mask is None else route_mask)
+    length = 0 if kv is None else kv.shape[-2]
     batch = input_ids.shape[0]
     cache = build_cache(model, kv, batch)
     full_mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1)

@@ -494,6 +494,10 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     and statistics are then all-reduced.
     """
     # --- setup: data, reward hygiene, reference, value head (gae), optimiser, the run (resumed) ---
+    if getattr(prefix, "input_conditioned", False):
+        raise ValueError("PPO does not train an input-conditioned prefix (kind dynamic) yet: its rollouts, scoring "
+                         "and KL reference take one prefix per batch. Train it with the warm start (and generate "
+                         "with it), or train a static prefix kind with PPO")
     cfg = config or PPOConfig()
     cfg.validate()  # again: fields may have been changed since construction
     dist = dist or Dist()

@@ -1,0 +1,138 @@
+"""The input-conditioned prefix (`kind: dynamic`): a bank of B plain K/V prefixes and a router that mixes them
+per input.
+
+    w(x)     = softmax(W · LN(mean input embedding of the prompt x) + b)          [B]
+    K/V(x)   = sum_b w_b(x) · bank_b                                              [layers, 2, length, kv_dim]
+
+A static prefix steers every input the same way; when the best prefix depends on the input (two tasks told
+apart by the prompt), a per-row convex mixture of a small bank lets each input get its own. The router reads the
+frozen model's input embeddings of the prompt tokens (the rendered prompt, chat template included, as at
+generation), averaged over the prompt and layer-normalised (no affine), so its scale does not depend on the
+embedding table's. A row with no prompt token (plain general text mixed into the warm start) routes on a zero
+vector, i.e. on the router's bias alone.
+
+Trainable parameters: B · layers · 2 · length · kv_dim (the bank) + (hidden + 1) · B (the router): with B = 1 it
+is exactly a "kv" prefix (softmax over one entry is 1). From text every entry starts at the text's K/V, plus,
+when B > 1, a little noise (init_std) that breaks the symmetry between entries (identical entries would get
+identical gradients forever).
+
+What it supports: the warm start (bank and router trained together, the route mask being the prompt tokens,
+labels -100), generation on the rollout engine (each row's mixed prefix goes into the engine's per-row
+`PrefixBank`), held-out evaluation, saving and loading (the artifact format, the architecture fingerprint
+checked). What it refuses, with an error saying so: PPO (not wired: the rollout, scoring and KL-reference paths
+take one prefix per batch), merging, compression and PEFT export (PEFT prefix tuning stores one fixed
+[length, layers · 2 · kv_dim] table for every input; an input-conditioned prefix cannot be written as one).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sharding
+from .artifacts import register_kind, save_prefix
+from .modeling import KVSpec
+
+NOT_STATIC = ("a dynamic prefix is input-conditioned: its K/V depend on the prompt, so it has no single K/V "
+              "(pass input_ids and route_mask for per-row K/V); it cannot be merged, compressed, exported to PEFT "
+              "or trained with PPO")
+
+
+class DynamicPrefix(nn.Module):
+    """A bank of `bank_size` K/V prefixes of `length` tokens and a linear router on the prompt's mean embedding."""
+
+    kind = "dynamic"
+    input_conditioned = True
+
+    def __init__(self, spec: KVSpec, length: int, bank_size: int = 4, *, init_kv: torch.Tensor | None = None,
+                 init_std: float = 0.02, generator: torch.Generator | None = None, init_ids: list[int] | None = None,
+                 **_ignored):
+        super().__init__()
+        if bank_size < 1:
+            raise ValueError(f"bank_size must be >= 1, got {bank_size}")
+        if length < 1:
+            raise ValueError(f"a dynamic prefix needs length >= 1, got {length}")
+        self.spec, self.length, self.bank_size = spec, int(length), int(bank_size)
+        self.init_ids = [int(i) for i in init_ids] if init_ids else None
+        shape = (spec.num_layers, 2, self.length, spec.kv_dim)
+        if init_kv is not None and tuple(init_kv.shape) != shape:
+            raise ValueError(f"init_kv has shape {tuple(init_kv.shape)}, this prefix needs {shape}")
+        noise = torch.randn(self.bank_size, *shape, generator=generator) * init_std
+        if init_kv is not None:
+            bank = init_kv.detach().float().unsqueeze(0).repeat(self.bank_size, 1, 1, 1, 1)
+            if self.bank_size > 1:
+                bank = bank + noise
+        else:
+            bank = noise
+        self.bank = nn.Parameter(bank)
+        self.router = nn.Linear(spec.hidden_size, self.bank_size)
+        with torch.no_grad():  # nn.Linear's default init, drawn from `generator` (deterministic)
+            bound = spec.hidden_size ** -0.5
+            self.router.weight.copy_((torch.rand(self.router.weight.shape, generator=generator) * 2 - 1) * bound)
+            self.router.bias.zero_()
+
+    # --- the router and the per-row K/V ---------------------------------------------------------------------
+    def features(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden]: layer-normalised mean input embedding of the tokens where `route_mask` is 1 (zeros for
+        a row without any)."""
+        with sharding.gathered(model):
+            emb = model.get_input_embeddings()(input_ids.to(model.device)).float()
+        m = route_mask.to(emb.device).float().unsqueeze(-1)
+        mean = (emb * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.layer_norm(mean, mean.shape[-1:]) * (m.sum(1) > 0).float()
+
+    def weights(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
+        """[rows, bank_size]: each row's mixture weights (a softmax: non-negative, summing to 1)."""
+        feats = self.features(model, input_ids, route_mask).to(self.router.weight.device)
+        return torch.softmax(self.router(feats), dim=-1)
+
+    def key_values(self, model=None, input_ids: torch.Tensor | None = None,
+                   route_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[rows, layers, 2, length, kv_dim]: each row's mixture of the bank (keys as they enter the cache)."""
+        if input_ids is None or model is None:
+            raise ValueError(NOT_STATIC)
+        if route_mask is None:
+            route_mask = torch.ones_like(input_ids)
+        w = self.weights(model, input_ids, route_mask)
+        return torch.einsum("rb,blckd->rlckd", w, self.bank)
+
+    @torch.no_grad()
+    def merge(self, model=None) -> "DynamicPrefix":
+        """Nothing to merge: the bank is already plain K/V and the router stays (the warm start calls this)."""
+        return self
+
+    # --- what every prefix offers --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.bank.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"kind=dynamic, bank_size={self.bank_size}, length={self.length}, spec=({self.spec.describe()})"
+
+    def config_dict(self) -> dict:
+        return {"kind": "dynamic", "length": self.length, "bank_size": self.bank_size, "init_ids": self.init_ids}
+
+    def save(self, path, metadata: dict | None = None, *, overwrite: bool = False) -> None:
+        """The artifact format of every prefix (safetensors + manifest with the architecture fingerprint)."""
+        save_prefix(self, path, metadata, overwrite=overwrite)
+
+
+def is_input_conditioned(prefix) -> bool:
+    """True for a prefix whose K/V depend on the input (kind dynamic)."""
+    return bool(getattr(prefix, "input_conditioned", False))
+
+
+def dynamic_parameter_count(spec: KVSpec, length: int, bank_size: int) -> int:
+    """The bank plus the router."""
+    return bank_size * spec.num_layers * 2 * length * spec.kv_dim + (spec.hidden_size + 1) * bank_size
+
+
+def _from_manifest(spec: KVSpec, kind: str, cfg: dict) -> DynamicPrefix:
+    cfg = dict(cfg)
+    return DynamicPrefix(spec, cfg.pop("length"), cfg.pop("bank_size"), init_ids=cfg.pop("init_ids", None))
+
+
+register_kind(("dynamic",), _from_manifest)
