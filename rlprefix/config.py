@@ -36,7 +36,7 @@ class PrefixSection(Settings):
     length: int = setting(10, "virtual tokens", at_least(1))
     kind: Literal["mlp", "kv", "prompt", "shared", "dynamic"] = setting(
         "mlp", "the parameterisation trained in the warm start (dynamic: input-conditioned, a bank mixed per prompt; "
-        "warm start and generation only)")
+        "no compression or PEFT export)")
     init: Literal["random", "text"] = setting("text", "start from init_text's K/V or at random")
     init_text: str = setting("Write a warm, friendly and positive reply.", "text whose K/V start the prefix")
     mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation", POSITIVE)
@@ -147,16 +147,16 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.warm_start.enabled and not cfg.warm_start.data:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")
-    if cfg.prefix.kind == "dynamic":  # input-conditioned: no single K/V to train with PPO, compress or put in PEFT
-        why = "prefix.kind dynamic is input-conditioned (warm start and generation only)"
-        if cfg.ppo.enabled:
-            raise ConfigError(f"ppo.enabled: PPO does not train a dynamic prefix yet; {why}: set ppo.enabled: false")
+    if cfg.prefix.kind == "dynamic":  # input-conditioned: no single K/V to keep as reference, compress or put in PEFT
+        if cfg.ppo.enabled and cfg.ppo.reference == "initial":
+            raise ConfigError("ppo.reference: initial keeps one fixed reference K/V, which a dynamic (input-"
+                              "conditioned) prefix does not have; use ppo.reference: base")
         if cfg.compress.enabled:
-            raise ConfigError(f"compress.enabled: a dynamic prefix has no single K/V to factorise; {why}: set "
-                              f"compress.enabled: false")
+            raise ConfigError("compress.enabled: a dynamic (input-conditioned) prefix has no single K/V to factorise; "
+                              "set compress.enabled: false")
         if "peft" in cfg.export.formats:
-            raise ConfigError(f"export.formats: PEFT cannot express an input-conditioned prefix; {why}: use "
-                              f"export.formats: [rlprefix]")
+            raise ConfigError("export.formats: PEFT cannot express a dynamic (input-conditioned) prefix; use "
+                              "export.formats: [rlprefix]")
     if cfg.ppo.enabled and not cfg.ppo.prompts:
         raise ConfigError("ppo.prompts: required when ppo.enabled is true (a file with a 'prompt' column)")
 

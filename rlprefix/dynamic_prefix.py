@@ -18,10 +18,12 @@ identical gradients forever).
 
 What it supports: the warm start (bank and router trained together, the route mask being the prompt tokens,
 labels -100), generation on the rollout engine (each row's mixed prefix goes into the engine's per-row
-`PrefixBank`), held-out evaluation, saving and loading (the artifact format, the architecture fingerprint
-checked). What it refuses, with an error saying so: PPO (not wired: the rollout, scoring and KL-reference paths
-take one prefix per batch), merging, compression and PEFT export (PEFT prefix tuning stores one fixed
-[length, layers · 2 · kv_dim] table for every input; an input-conditioned prefix cannot be written as one).
+`PrefixBank`), held-out evaluation, PPO with `reference: base` (rollouts on the same per-row path; the training
+forward routes on the prompt part, also when prompts are shared, so the first ratio is 1), saving and loading
+(the artifact format, the architecture fingerprint checked). What it refuses, with an error saying so: PPO's
+`reference: initial` (it keeps one fixed reference K/V), merging and compression (no single K/V), and PEFT
+export (PEFT prefix tuning stores one fixed [length, layers · 2 · kv_dim] table for every input; an
+input-conditioned prefix cannot be written as one).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from .modeling import KVSpec
 
 NOT_STATIC = ("a dynamic prefix is input-conditioned: its K/V depend on the prompt, so it has no single K/V "
               "(pass input_ids and route_mask for per-row K/V); it cannot be merged, compressed, exported to PEFT "
-              "or trained with PPO")
+              "or used as a fixed KL reference")
 
 
 class DynamicPrefix(nn.Module):

@@ -374,7 +374,8 @@ def stage_ppo(r: Run, prefix):
                             eval_prompts=r.eval_prompts, output_dir=r.out / "ppo", dist=r.dist,
                             tensorboard=cfg.logging.tensorboard)
         trained = plain_kv(res.prefix, r.model)
-        assert_finite("PPO prefix", res.steps_done, trained.key_values(r.model))
+        assert_finite("PPO prefix", res.steps_done,
+                      *(trained.parameters() if is_input_conditioned(trained) else [trained.key_values(r.model)]))
         last = res.history[-1] if res.history else {}
         if r.dist.is_main:
             trained.save(r.out / "prefix_ppo", {"stage": "ppo", "reward": reward_names(cfg), "model": cfg.model.name,

@@ -163,7 +163,9 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     tc = completion_ids.shape[1]
-    out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden)
+    route = torch.cat([prompt_mask, torch.zeros_like(completion_mask)], dim=1)  # an input-conditioned prefix: the prompt
+    out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden,
+                  route_mask=route)
     logits = out.logits[:, :-1]
     hidden = out.hidden[:, :-1] if out.hidden is not None else None
     return SequenceScores(logprobs_of(logits, completion_ids, temperature), logits, hidden)
@@ -172,10 +174,10 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
 def _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv, temperature,
                   output_hidden, first: torch.Tensor, inverse: torch.Tensor) -> SequenceScores:
     """score_completions with the prompt computed once per unique prompt (rows `first`, row r uses inverse[r])."""
-    if kv is None:
-        kv = prefix_kv(model, prefix)
-    length = 0 if kv is None else kv.shape[2]
     p_ids, p_mask = prompt_ids[first], prompt_mask[first]
+    if kv is None:  # an input-conditioned prefix: one K/V per unique prompt, indexed out with the prompt's cache
+        kv = prefix_kv(model, prefix, p_ids, p_mask)
+    length = 0 if kv is None else kv.shape[-2]
     cache = build_cache(model, kv, len(first))
     # 1. the unique prompts, keeping the logit (and hidden state) of their last position: it predicts token 1
     head = model(input_ids=p_ids, attention_mask=torch.cat([p_mask.new_ones(len(first), length), p_mask], 1),

@@ -1,5 +1,6 @@
 """The input-conditioned prefix (kind "dynamic", issue #16 item 3): router shapes, B=1 equals a static kv prefix,
-per-row prefixes in generation equal each row alone, the warm start trains bank and router, save/load, errors."""
+per-row prefixes in generation equal each row alone, the warm start and PPO train bank and router, save/load,
+errors."""
 import json
 
 import pytest
@@ -135,12 +136,37 @@ def test_what_a_dynamic_prefix_refuses(tmp_path, tokenizer):
         prefix.key_values(model)
     with pytest.raises(ValueError, match="compression factorises one fixed prefix"):
         compress(prefix, rank=1, model=model)
-    with pytest.raises(ValueError, match="PPO does not train an input-conditioned prefix"):
-        ppo(model, tokenizer, prefix, ["hello"], lambda prompts, completions, **k: [0.0] * len(completions), PPOConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="ppo.reference: initial keeps one fixed reference K/V"):
+        ppo(model, tokenizer, prefix, ["hello"], lambda prompts, completions, **k: [0.0] * len(completions),
+            PPOConfig(steps=1, progress=False, reference="initial"))
     with pytest.raises(ValueError, match="cannot share a bank with other prefixes"):
         generate(model, tokenizer, PROMPTS[:2], [prefix, None])
     with pytest.raises(ValueError, match="bank_size must be >= 1"):
         Prefix.for_model(model, 4, "dynamic", bank_size=0)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_ppo_trains_bank_and_router_with_exact_first_ratio(share, monkeypatch):
+    """Rollouts on the engine's per-row path and the training forward (prompts shared or not) route alike: the
+    first PPO ratio is 1."""
+    import rlprefix.stages.ppo as ppo_mod
+    from rlprefix import runtime
+
+    if not share:  # every row its own prompt forward (no prompt sharing)
+        real = runtime.score_completions
+        monkeypatch.setattr(ppo_mod, "score_completions", lambda *a, **k: real(*a, **{**k, "share_prompts": False}))
+    model, tok = tiny_model("llama", sharpen=4.0), tiny_tokenizer()
+    prefix = dyn(model, bank_size=2, length=4, seed=1)
+    p0 = {k: v.clone() for k, v in prefix.named_parameters()}
+
+    def reward(prompts, completions, completion_ids, **kw):
+        return [sum(t == 5 for t in ids) / max(1, len(ids)) + 0.1 * len(ids) for ids in completion_ids]
+
+    cfg = PPOConfig(steps=2, batch_size=8, minibatch_size=4, epochs=1, max_new_tokens=6, lr=3e-2, progress=False)
+    res = ppo(model, tok, prefix, ["hello world", "review film", "the food", "a calm park"], reward, cfg)
+    assert res.history[0]["policy/ratio_dev_first_minibatch"] < 1e-4
+    for name, p in res.prefix.named_parameters():
+        assert not torch.equal(p0[name], p), name
 
 
 def test_evaluate_reward_with_a_dynamic_prefix(tokenizer):
@@ -154,9 +180,9 @@ def test_evaluate_reward_with_a_dynamic_prefix(tokenizer):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({}, r"ppo.enabled: PPO does not train a dynamic prefix yet"),
-    ({"ppo": {"enabled": False}}, r"compress.enabled: a dynamic prefix has no single K/V"),
-    ({"ppo": {"enabled": False}, "compress": {"enabled": False}}, r"export.formats: PEFT cannot express"),
+    ({"ppo": {"reference": "initial"}}, r"ppo.reference: initial keeps one fixed reference K/V"),
+    ({}, r"compress.enabled: a dynamic \(input-conditioned\) prefix has no single K/V"),
+    ({"compress": {"enabled": False}}, r"export.formats: PEFT cannot express a dynamic"),
     ({"prefix": {"kind": "dynamic", "bank_size": 0}}, r"prefix.bank_size: 0 is out of range \(must be >= 1\)"),
 ])
 def test_yaml_errors(over, message):
@@ -171,12 +197,15 @@ def test_run_with_kind_dynamic(tmp_path):
     from rlprefix.cli import main
     from test_config import tiny_run_config
 
-    path = tiny_run_config(tmp_path, prefix={"kind": "dynamic", "bank_size": 2}, ppo={"enabled": False},
+    path = tiny_run_config(tmp_path, prefix={"kind": "dynamic", "bank_size": 2}, ppo={"steps": 2},
                            compress={"enabled": False}, export={"formats": ["rlprefix"]})
     assert main(["run", str(path)]) == 0
     out = tmp_path / "run"
     saved = load_prefix(out / "prefix_warmstart")
     assert saved.kind == "dynamic" and saved.bank_size == 2 and saved.length == 4
+    trained = load_prefix(out / "prefix_ppo")
+    assert trained.kind == "dynamic" and not torch.equal(trained.bank, saved.bank)
     assert load_prefix(out / "export_rlprefix").kind == "dynamic"
     summary = json.loads((out / "summary.json").read_text())
-    assert "after" in summary and summary["exports"] == {"rlprefix": str(out / "export_rlprefix")}
+    assert {"before", "after_warm_start", "after", "ppo"} <= set(summary)
+    assert summary["exports"] == {"rlprefix": str(out / "export_rlprefix")}
