@@ -209,3 +209,14 @@ def test_run_with_kind_dynamic(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"before", "after_warm_start", "after", "ppo"} <= set(summary)
     assert summary["exports"] == {"rlprefix": str(out / "export_rlprefix")}
+
+
+def test_serve_refuses_a_dynamic_prefix_and_serves_the_rest(tmp_path):
+    from rlprefix.prefix_store import PrefixStore
+
+    model = tiny_model("llama")
+    dyn(model).save(tmp_path / "served" / "dynamic")
+    Prefix.for_model(model, 4, "kv").save(tmp_path / "served" / "static")
+    report = PrefixStore(model, tmp_path / "served").scan()
+    assert report["loaded"] == ["static"]
+    assert "input-conditioned" in report["refused"]["dynamic"]
