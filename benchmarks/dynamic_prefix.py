@@ -100,16 +100,19 @@ def main():
     ap.add_argument("--bank", type=int, default=2)
     ap.add_argument("--train-phrases", type=int, default=60)
     ap.add_argument("--eval-phrases", type=int, default=12)
+    ap.add_argument("--only", nargs="+", choices=["same-length", "same-params", "dynamic"],
+                    help="run only these rows (default: all three)")
     ap.add_argument("--name", default="dynamic_prefix")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tok = load_model(args.model)
     train, evals = dataset(args.train_phrases, args.eval_phrases)
     rows = []
-    plan = [(f"kv, length {args.length} (same length)", "kv", args.length),
-            (f"kv, length {args.bank * args.length} (same bank parameters)", "kv", args.bank * args.length),
-            (f"dynamic, bank {args.bank} x length {args.length}", "dynamic", args.length)]
-    for name, kind, length in plan:
+    plan = {"same-length": (f"kv, length {args.length} (same length)", "kv", args.length),
+            "same-params": (f"kv, length {args.bank * args.length} (same bank parameters)", "kv",
+                            args.bank * args.length),
+            "dynamic": (f"dynamic, bank {args.bank} x length {args.length}", "dynamic", args.length)}
+    for name, kind, length in (plan[k] for k in (args.only or plan)):
         r = run(model, tok, name, kind, length, args, train, evals)
         print(f"{name}: {r['trainable_params']:,} params, eval loss {r['eval_loss_start']:.4f} -> best "
               f"{r['eval_loss_best']:.4f} (loud {r['eval_loss_loud']:.4f}, backwards {r['eval_loss_backwards']:.4f})"

@@ -1,14 +1,17 @@
 """The input-conditioned prefix (`kind: dynamic`): a bank of B plain K/V prefixes and a router that mixes them
 per input.
 
-    w(x)     = softmax(W · LN(mean input embedding of the prompt x) + b)          [B]
+    w(x)     = softmax(W · LN(mean input embedding of the prompt x - centre) + b)        [B]
     K/V(x)   = sum_b w_b(x) · bank_b                                              [layers, 2, length, kv_dim]
 
 A static prefix steers every input the same way; when the best prefix depends on the input (two tasks told
 apart by the prompt), a per-row convex mixture of a small bank lets each input get its own. The router reads the
 frozen model's input embeddings of the prompt tokens (the rendered prompt, chat template included, as at
-generation), averaged over the prompt and layer-normalised (no affine), so its scale does not depend on the
-embedding table's. A row with no prompt token (plain general text mixed into the warm start) routes on a zero
+generation), averaged over the prompt, minus a fixed `centre` and layer-normalised (no affine), so its scale does
+not depend on the embedding table's. The centre (a buffer, saved with the prefix) is the average prompt's mean
+embedding, fitted once on the training prompts when a warm start begins (`fit_centre`, only while it is unset):
+without it the chat template's shared tokens dominate every prompt's features and the router tends to move all
+prompts the same way (measured: it collapsed onto one entry). A row with no prompt token (plain general text mixed into the warm start) routes on a zero
 vector, i.e. on the router's bias alone.
 
 Trainable parameters: B · layers · 2 · length · kv_dim (the bank) + (hidden + 1) · B (the router): with B = 1 it
@@ -68,20 +71,37 @@ class DynamicPrefix(nn.Module):
             bank = noise
         self.bank = nn.Parameter(bank)
         self.router = nn.Linear(spec.hidden_size, self.bank_size)
+        self.register_buffer("centre", torch.zeros(spec.hidden_size))
         with torch.no_grad():  # nn.Linear's default init, drawn from `generator` (deterministic)
             bound = spec.hidden_size ** -0.5
             self.router.weight.copy_((torch.rand(self.router.weight.shape, generator=generator) * 2 - 1) * bound)
             self.router.bias.zero_()
 
     # --- the router and the per-row K/V ---------------------------------------------------------------------
-    def features(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden]: layer-normalised mean input embedding of the tokens where `route_mask` is 1 (zeros for
-        a row without any)."""
+    def mean_embedding(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, hidden] mean input embedding of the tokens where `route_mask` is 1, [rows] whether a row has any)."""
         with sharding.gathered(model):
             emb = model.get_input_embeddings()(input_ids.to(model.device)).float()
         m = route_mask.to(emb.device).float().unsqueeze(-1)
-        mean = (emb * m).sum(1) / m.sum(1).clamp(min=1)
-        return F.layer_norm(mean, mean.shape[-1:]) * (m.sum(1) > 0).float()
+        return (emb * m).sum(1) / m.sum(1).clamp(min=1), m.sum((1, 2)) > 0
+
+    def features(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden]: layer-normalised (mean input embedding - centre) of the routed tokens (zeros for a row
+        without any)."""
+        mean, has = self.mean_embedding(model, input_ids, route_mask)
+        x = mean - self.centre.to(mean.device)
+        return F.layer_norm(x, x.shape[-1:]) * has.float().unsqueeze(-1)
+
+    @torch.no_grad()
+    def fit_centre(self, model, batches) -> None:
+        """Set the centre to the average mean embedding over (input_ids, route_mask) batches of training prompts."""
+        total, count = None, 0
+        for ids, mask in batches:
+            mean, has = self.mean_embedding(model, ids, mask)
+            part = mean[has].sum(0)
+            total, count = part if total is None else total + part, count + int(has.sum())
+        if count:
+            self.centre.copy_((total / count).to(self.centre))
 
     def weights(self, model, input_ids: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
         """[rows, bank_size]: each row's mixture weights (a softmax: non-negative, summing to 1)."""

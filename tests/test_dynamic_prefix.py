@@ -16,7 +16,7 @@ from rlprefix.generation import encode_prompts
 from rlprefix.lowrank import compress
 from rlprefix.runtime import forward
 from rlprefix.stages.ppo import PPOConfig, ppo
-from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, warm_start
+from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, split_dataset, warm_start
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello world", "Write a one-sentence review of a coffee shop.", "good", "the film"]
@@ -97,10 +97,16 @@ def test_warm_start_trains_bank_and_router_routing_on_the_prompt():
     assert torch.equal(seen["mask"].cpu(), batch["attention_mask"] * (batch["labels"] == -100))
     del prefix.weights
     before = evaluate_loss(model, prefix, examples, tok.pad_token_id)
+    assert not prefix.centre.any()
     cfg = WarmStartConfig(steps=30, batch_size=4, lr=3e-2, warmup_steps=3, eval_every=10, eval_fraction=0.25,
                           progress=False, seed=0, forgetting_eval=0)
     res = warm_start(model, tok, prefix, data, cfg)
     assert res.prefix is prefix and res.prefix.kind == "dynamic"  # merge keeps it (nothing to merge)
+    # the router's centre: the average prompt's mean embedding over the training split (fitted once, at the start)
+    train_ex = tokenize_sft(split_dataset(load_records(data), 0.25, 0)[0], tok)
+    emb = model.get_input_embeddings().weight.detach()
+    means = [emb[torch.tensor([t for t, lab in zip(e.input_ids, e.labels) if lab == -100])].mean(0) for e in train_ex]
+    assert torch.allclose(prefix.centre, torch.stack(means).mean(0), atol=1e-6)
     assert not torch.equal(prefix.bank, bank0) and not torch.equal(prefix.router.weight, router0)
     after = evaluate_loss(model, res.prefix, examples, tok.pad_token_id)
     assert after < 0.95 * before, (before, after)
@@ -113,7 +119,7 @@ def test_save_load_round_trip_and_refused_on_another_architecture(tmp_path, toke
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     spec = kv_spec(model)
     assert manifest["kind"] == "dynamic" and manifest["config"]["bank_size"] == 3
-    assert manifest["tensors"] == {"bank": [3, spec.num_layers, 2, 4, spec.kv_dim],
+    assert manifest["tensors"] == {"bank": [3, spec.num_layers, 2, 4, spec.kv_dim], "centre": [spec.hidden_size],
                                    "router.weight": [3, spec.hidden_size], "router.bias": [3]}
     loaded = load_prefix(tmp_path / "d", model)
     assert isinstance(loaded, DynamicPrefix) and loaded.bank_size == 3

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..data import SFTExample, collate_sft, load_records, tokenize_sft
 from ..distributed import Dist
+from ..dynamic_prefix import is_input_conditioned
 from ..general_text import BUILTIN, forgetting_record, load_passages, mix_in, split_passages, text_examples
 from ..guards import assert_finite
 from ..prefix import Prefix
@@ -233,7 +234,16 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
         pool, held_out = split_passages(load_passages(cfg.mix_data), cfg.forgetting_eval, cfg.seed)
         train = mix_in(train, text_examples(pool, tokenizer, cfg.max_length), cfg.mix_ratio, cfg.seed)
         general = text_examples(held_out, tokenizer, cfg.max_length)
+    if is_input_conditioned(prefix) and not bool(prefix.centre.any()):  # the router's centre: the training prompts
+        prefix.fit_centre(model, _prompt_batches(train[:n_task], pad_id))
     return _Data(train, evals, pad_id, cfg, general, len(train) - n_task)
+
+
+def _prompt_batches(examples: list[SFTExample], pad_id: int, size: int = 16):
+    """(input_ids, prompt mask) batches of the examples, the prompt being the real tokens without a label."""
+    for i in range(0, len(examples), size):
+        b = collate_sft(examples[i:i + size], pad_id)
+        yield b["input_ids"], b["attention_mask"] * (b["labels"] == -100)
 
 
 def accumulate_gradients(model, prefix: Prefix, batches: list[dict], n_tokens: int, cfg: WarmStartConfig,
