@@ -15,6 +15,8 @@ from common import RESULTS, ROOT
 STEPS = [
     ["benchmarks/warmstart_vs_peft.py"],
     ["benchmarks/prefix_kinds.py"],
+    ["benchmarks/forgetting.py"],
+    ["benchmarks/dynamic_prefix.py"],
     ["benchmarks/ppo_vs_trl.py", "--batch", "16", "--tokens", "32", "--steps", "4"],
     ["benchmarks/sentiment_demo.py"],
     ["benchmarks/compression_table.py", "runs/sentiment/prefix_ppo"],
@@ -47,6 +49,20 @@ def render() -> str:
                 f"{s['model']}, prefix length {s['length']}, init {s['init']}, {s['steps']} steps, batch "
                 f"{s['batch_size']}, lr {s['lr']}, same micro-batches and eval split; `{pk['command']}`", "",
                 pk["table_md"]]
+    fg = load("forgetting")
+    if fg:
+        s = fg["settings"]
+        out += ["## Forgetting: general text mixed into the warm start", "",
+                f"{s['model']}, {s['kind']} prefix of length {s['length']} from text, the quickstart's warm-start data, "
+                f"{s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}; general text `{s['mix_data']}`, "
+                f"{s['passages']} held-out passages; `{fg['command']}`", "", fg["table_md"]]
+    dp = load("dynamic_prefix")
+    if dp:
+        s = dp["settings"]
+        out += ["## Input-conditioned (dynamic) prefix vs static kv prefixes", "",
+                f"{s['model']}, two styles told apart by the prompt ({s['train_rows']} training / {s['eval_rows']} "
+                f"held-out rows), {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}; `{dp['command']}`", "",
+                dp["table_md"]]
     for key in sorted(p.stem for p in RESULTS.glob("ppo_vs_trl_*.json")):
         r = load(key)
         m = m or r["machine"]

@@ -4,6 +4,7 @@ from .version import __version__  # noqa: E402,F401
 from .modeling import DEFAULT_MODEL, KVSpec, kv_spec, load_model  # noqa: E402
 from .distributed import DistributedConfig  # noqa: E402
 from .prefix import Prefix  # noqa: E402
+from .dynamic_prefix import DynamicPrefix  # noqa: E402
 from .io import ArtifactError  # noqa: E402
 from .artifacts import ModelMismatchError, load_prefix, save_prefix  # noqa: E402
 from .generation import encode_prompts, sample  # noqa: E402
@@ -15,7 +16,8 @@ from .stages.compress import compress_to_budget, fidelity_report  # noqa: E402
 from .peft_export import export_peft  # noqa: E402
 from .evaluate import evaluate_reward  # noqa: E402
 
-__all__ = ["__version__", "DEFAULT_MODEL", "KVSpec", "kv_spec", "load_model", "DistributedConfig", "Prefix", "ArtifactError",
+__all__ = ["__version__", "DEFAULT_MODEL", "KVSpec", "kv_spec", "load_model", "DistributedConfig", "Prefix", "DynamicPrefix",
+           "ArtifactError",
            "ModelMismatchError", "load_prefix", "save_prefix", "generate", "PrefixBank", "sample", "encode_prompts",
            "WarmStartConfig", "WarmStartResult", "warm_start", "PPOConfig", "PPOResult", "ppo", "CompressedPrefix",
            "compress", "compress_to_budget", "fidelity_report", "export_peft", "evaluate_reward"]

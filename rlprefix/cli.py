@@ -180,6 +180,9 @@ def cmd_info(args) -> int:
     print(f"  model {m['model_type']}: {m['num_layers']} layers x {m['num_kv_heads']} kv heads x head_dim {m['head_dim']}"
           f" (fingerprint {m['fingerprint']})")
     cfg = manifest.get("config", {})
+    if cfg.get("kind") == "dynamic":
+        print(f"  input-conditioned: a bank of {cfg.get('bank_size')} prefixes mixed per prompt by a router "
+              f"(no PEFT export)")
     if "ranks" in cfg:
         full = m["num_layers"] * 2 * manifest["length"] * m["num_kv_heads"] * m["head_dim"]
         n = sum(r * (rows + cols) for rows, r, cols in cfg["shapes"])

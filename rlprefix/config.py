@@ -34,12 +34,15 @@ class ModelSection(Settings):
 class PrefixSection(Settings):
     section = "prefix"
     length: int = setting(10, "virtual tokens", at_least(1))
-    kind: Literal["mlp", "kv", "prompt", "shared"] = setting("mlp", "the parameterisation trained in the warm start")
+    kind: Literal["mlp", "kv", "prompt", "shared", "dynamic"] = setting(
+        "mlp", "the parameterisation trained in the warm start (dynamic: input-conditioned, a bank mixed per prompt; "
+        "no compression or PEFT export)")
     init: Literal["random", "text"] = setting("text", "start from init_text's K/V or at random")
     init_text: str = setting("Write a warm, friendly and positive reply.", "text whose K/V start the prefix")
     mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation", POSITIVE)
     shared_dim: int | None = setting(None, "width d of the shared matrix [length, d] of kind shared (null: "
                                      "ceil(length / 4))", at_least(1))
+    bank_size: int = setting(4, "prefixes in the bank of kind dynamic (mixed per prompt by a router)", at_least(1))
     from_dir: str | None = setting(None, "start from a saved prefix instead of initialising one")
 
 
@@ -144,6 +147,16 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.warm_start.enabled and not cfg.warm_start.data:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")
+    if cfg.prefix.kind == "dynamic":  # input-conditioned: no single K/V to keep as reference, compress or put in PEFT
+        if cfg.ppo.enabled and cfg.ppo.reference == "initial":
+            raise ConfigError("ppo.reference: initial keeps one fixed reference K/V, which a dynamic (input-"
+                              "conditioned) prefix does not have; use ppo.reference: base")
+        if cfg.compress.enabled:
+            raise ConfigError("compress.enabled: a dynamic (input-conditioned) prefix has no single K/V to factorise; "
+                              "set compress.enabled: false")
+        if "peft" in cfg.export.formats:
+            raise ConfigError("export.formats: PEFT cannot express a dynamic (input-conditioned) prefix; use "
+                              "export.formats: [rlprefix]")
     if cfg.ppo.enabled and not cfg.ppo.prompts:
         raise ConfigError("ppo.prompts: required when ppo.enabled is true (a file with a 'prompt' column)")
 
@@ -215,11 +228,11 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     """Data paths given relative to the config file work from any working directory."""
-    for section, key in (("warm_start", "data"), ("warm_start", "eval_data"), ("ppo", "prompts"),
-                         ("ppo", "eval_prompts"), ("prefix", "from_dir")):
+    for section, key in (("warm_start", "data"), ("warm_start", "eval_data"), ("warm_start", "mix_data"),
+                         ("ppo", "prompts"), ("ppo", "eval_prompts"), ("prefix", "from_dir")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
-        if value and not Path(value).is_absolute():
+        if value and value != "builtin" and not Path(value).is_absolute():
             candidate = base / value
             if candidate.exists():
                 setattr(obj, key, str(candidate.resolve()))

@@ -32,6 +32,7 @@ from transformers import StaticCache
 
 from . import seq2seq, sharding
 from .generation import Rollout, encode_prompts, eos_ids, filter_logits
+from .dynamic_prefix import is_input_conditioned
 from .modeling import is_encoder_decoder, kv_spec
 from .runtime import distinct_rows, model_dtype, position_ids, prefix_kv
 
@@ -93,6 +94,9 @@ def _checked_kv(model, spec, name: str, prefix) -> torch.Tensor | None:
     """The entry's K/V, or a ValueError naming the entry when it was made for another architecture."""
     if prefix is None:
         return None
+    if is_input_conditioned(prefix):
+        raise ValueError(f"prefix {name} is input-conditioned (kind dynamic): its K/V depend on each prompt, so it "
+                         f"cannot share a bank with other prefixes or join an ensemble; pass it alone as `prefix`")
     own = getattr(prefix, "spec", None)
     if own is not None and own != spec:
         raise ValueError(f"prefix {name} was made for {own.describe()}; the model is {spec.describe()}")
@@ -313,7 +317,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     if rows % groups:
         raise ValueError(f"{rows} rows do not split into ensembles of {groups}")
     out_rows = rows // groups
-    bank, index = _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows)
+    bank, index = _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows, prompt_ids, prompt_mask)
     seeds = _row_seeds(row_seeds, out_rows, generator, device) if do_sample and force_tokens is None else None
     compile = device.type == "cuda" and not sharding.is_sharded(model) if compile is None else compile
 
@@ -428,7 +432,16 @@ def _rollout(tokenizer, prompt_ids, prompt_mask, tokens, alive, logps, hidden, p
     return Rollout(prompt_ids, prompt_mask, tokens, alive, logps, texts, hidden)
 
 
-def _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows: int):
+@torch.no_grad()
+def dynamic_bank(model, prefix, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(PrefixBank with one entry per row, index 0..rows-1): an input-conditioned prefix's mixture for each
+    prompt, routed on its real tokens, exactly as the warm start routes on the prompt tokens."""
+    kv = prefix.key_values(model, prompt_ids, prompt_mask)
+    index = torch.arange(kv.shape[0], dtype=torch.long, device=model.device)
+    return PrefixBank(model, list(kv.unbind(0))), index
+
+
+def _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows: int, prompt_ids=None, prompt_mask=None):
     """(bank or None, index LongTensor [rows] on the device) from whichever way the prefixes were given."""
     device = model.device
     given = [x is not None for x in (prefix, kv, bank)]
@@ -437,6 +450,8 @@ def _resolve_prefixes(model, prefix, kv, bank, prefix_index, rows: int):
     if bank is None:
         if prefix_index is not None:
             raise ValueError("prefix_index needs a bank")
+        if kv is None and is_input_conditioned(prefix):  # each row its own mixture: the per-row path
+            return dynamic_bank(model, prefix, prompt_ids, prompt_mask)
         if kv is None:
             kv = prefix_kv(model, prefix)
         if kv is None or kv.shape[2] == 0:
@@ -480,15 +495,17 @@ def generate(model, tokenizer, prompts: list[str], prefix=None, *, ensemble: lis
         raise ValueError(f"got {len(prefix)} prefixes for {n} prompts; pass one prefix (or None) per prompt")
     if ensemble is not None and not ensemble:
         raise ValueError("ensemble needs at least one prefix")
-    bank, index, groups = _plan(model, prefix, ensemble, n)
+    dynamic = prefix if is_input_conditioned(prefix) else None  # its per-row bank is built for each batch
+    bank, index, groups = _plan(model, prefix, ensemble, n) if dynamic is None else (None, None, 1)
     base = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
     seeds = [base * 1_000_003 + i for i in range(n)]
     texts: list[str] = []
     for i in range(0, n, batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], chat, system, device=model.device)
-        idx = index[i * groups:(i + ids.shape[0]) * groups]
+        idx = index[i * groups:(i + ids.shape[0]) * groups] if index is not None else None
         roll = sample(model, tokenizer, ids.repeat_interleave(groups, 0), mask.repeat_interleave(groups, 0),
-                      bank=bank, prefix_index=idx if bank is not None else None, groups=groups, row_seeds=seeds[i:i + batch_size], **sample_kw)
+                      dynamic, bank=bank, prefix_index=idx if bank is not None else None, groups=groups,
+                      row_seeds=seeds[i:i + batch_size], **sample_kw)
         texts += roll.texts
     return texts
 

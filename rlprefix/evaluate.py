@@ -8,6 +8,7 @@ import torch
 
 from . import sharding
 from .data import load_records, require_columns
+from .dynamic_prefix import is_input_conditioned
 from .engine import PrefixBank, sample
 from .generation import encode_prompts
 from .runtime import score_completions
@@ -64,12 +65,14 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
         rows, seeds = rows[dist.rank::dist.world_size], seeds[dist.rank::dist.world_size]
     scorer = reward if isinstance(reward, Scorer) else Scorer(reward, on_error=on_error, penalty=penalty)
     keys = list(named)
-    bank, slots = _bank(model, named)
+    dynamic = _dynamic(named)  # an input-conditioned prefix: the engine builds each batch's per-row bank
+    bank, slots = _bank(model, named) if dynamic is None else (None, {k: 0 for k in named})
     per = max(1, batch_size // len(keys))
     acc = {k: ([], [], []) for k in keys}  # rewards, texts, kls
     for i in sharding.padding_starts(model, dist, len(rows), per):
         if i is None:  # sharded model, this process is out of rows: sample and score one throwaway row
-            _throwaway(model, tokenizer, ds[0], scorer, bank, slots, keys, chat, system, max_new_tokens, temperature)
+            _throwaway(model, tokenizer, ds[0], scorer, bank, slots, keys, chat, system, max_new_tokens, temperature,
+                       dynamic)
             continue
         chunk = rows[i:i + per]
         p = [r["prompt"] for r in chunk]
@@ -77,7 +80,7 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
         ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
         n = len(chunk)
         index = torch.tensor([slots[k] for k in keys]).repeat_interleave(n)
-        roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), bank=bank,
+        roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), dynamic, bank=bank,
                       prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, row_seeds=seeds[i:i + n] * len(keys))
         kls = _kl_to_base(model, roll, index, temperature)
@@ -95,18 +98,28 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     return results[0]
 
 
-def _throwaway(model, tokenizer, row, scorer, bank, slots, keys, chat, system, max_new_tokens, temperature) -> None:
+def _throwaway(model, tokenizer, row, scorer, bank, slots, keys, chat, system, max_new_tokens, temperature,
+               dynamic=None) -> None:
     """The work of one batch, results discarded: keeps a sharded model's collectives in step (a reward that runs
     the model, such as `fluency`, is called as often as on the other processes)."""
     ids, mask = encode_prompts(tokenizer, [row["prompt"]], chat, system, device=model.device)
     index = torch.tensor([slots[k] for k in keys])
-    roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), bank=bank,
+    roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), dynamic, bank=bank,
                   prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
                   temperature=temperature, row_seeds=[0] * len(keys))
     _kl_to_base(model, roll, index, temperature)
     cols = {k: [v] for k, v in row.items() if k != "prompt"}
     for text in roll.texts:
         scorer([row["prompt"]], [text], **cols)
+
+
+def _dynamic(named: dict):
+    """The input-conditioned prefix when it is the one prefix evaluated (it cannot share a bank), else None."""
+    dynamic = [p for p in named.values() if is_input_conditioned(p)]
+    if dynamic and len(named) > 1:
+        raise ValueError("an input-conditioned prefix (kind dynamic) is evaluated alone: its K/V depend on each "
+                         "prompt, so it cannot share a bank with other prefixes (or the base model)")
+    return dynamic[0] if dynamic else None
 
 
 def _bank(model, named: dict):

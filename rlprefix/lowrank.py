@@ -103,6 +103,9 @@ class CompressedPrefix(nn.Module):
     @torch.no_grad()
     def from_prefix(cls, prefix, model=None, rank: int | None = None, energy: float | None = None,
                     scope: Scope = "shared", anchor: bool | str = "auto", dtype: str = "float32") -> "CompressedPrefix":
+        if getattr(prefix, "input_conditioned", False):
+            raise ValueError("compression factorises one fixed prefix; an input-conditioned prefix (kind dynamic) has "
+                             "a K/V per input (set compress.enabled: false)")
         kv = prefix.key_values(model).detach().float().cpu()
         ids = getattr(prefix, "init_ids", None)
         use_anchor = bool(ids) and model is not None if anchor == "auto" else bool(anchor)

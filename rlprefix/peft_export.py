@@ -47,7 +47,11 @@ def export_peft(prefix, model, out_dir: str | Path, overwrite: bool = False) -> 
     """Write `prefix` (any kind, or a CompressedPrefix) as a PEFT adapter that `PeftModel.from_pretrained` loads.
 
     Only a previous adapter (or rlprefix artifact, or an empty directory) at `out_dir` is replaced, unless
-    `overwrite`."""
+    `overwrite`. An input-conditioned prefix (kind dynamic) is refused: PEFT cannot express it."""
+    if getattr(prefix, "input_conditioned", False):
+        raise ValueError("PEFT prefix tuning cannot express an input-conditioned prefix (kind dynamic): a PEFT adapter "
+                         "holds one fixed prefix for every input, this prefix mixes a bank per prompt; export it in "
+                         "the rlprefix format instead")
     kv = prefix.key_values(model).detach().float().cpu()
     dtype = next(model.parameters()).dtype
     return write_artifact_dir(out_dir, {

@@ -22,7 +22,9 @@ from .artifacts import load_prefix
 from .config import PPOSection, RunConfig, dump_config, stage_config
 from .distributed import Dist
 from .evaluate import evaluate_reward
+from .dynamic_prefix import is_input_conditioned
 from .freshness import check_resume, content_hash
+from .general_text import BUILTIN, source_path
 from .guards import assert_finite
 from .io import atomic_write_json, atomic_write_text, read_json, recover_artifact_dir
 from .lock import OutputLock
@@ -148,14 +150,28 @@ def plain_kv(prefix, model):
 def new_prefix(section, model, tok, seed: int) -> Prefix:
     """A fresh prefix as the config's `prefix` section describes it (text or random init, any kind)."""
     kw = dict(mlp_hidden=section.mlp_hidden, shared_dim=section.shared_dim)
+    if section.kind == "dynamic":
+        kw = dict(bank_size=section.bank_size)
     if section.init == "text":
         return Prefix.from_text(model, tok, section.init_text, section.length, section.kind, **kw)
     return Prefix.for_model(model, section.length, section.kind, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def _prefix_fields(section) -> dict:
-    """The prefix section as a stage key; shared_dim only when set, so keys of runs from before it are kept."""
-    return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)}
+    """The prefix section as a stage key; shared_dim and bank_size only when they matter (set, kind dynamic), so
+    keys of runs from before them are kept."""
+    return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)
+            and not (k == "bank_size" and section.kind != "dynamic")}
+
+
+# Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys
+# at that value, so the keys of earlier runs hold (as for prefix.shared_dim).
+_WS_LATER = {"mix_data": "builtin", "mix_ratio": 0.0, "forgetting_eval": 32}
+
+
+def _warm_start_fields(section) -> dict:
+    """The warm_start section as a stage key; the later settings only where they differ from "as before"."""
+    return {k: v for k, v in asdict(section).items() if not (k in _WS_LATER and v == _WS_LATER[k])}
 
 
 def _key(*parts) -> str:
@@ -166,11 +182,14 @@ def stage_keys(cfg: RunConfig, eval_kw: dict) -> dict:
     """Each stage's key: the settings and data content its result depends on, chained through the stages
     before it, so a change reruns that stage and every one after it. "data": each data source's content hash."""
     eval_prompts = cfg.ppo.eval_prompts or cfg.ppo.prompts
+    mix = cfg.warm_start.mix_data
     data = {"ws_data": content_hash(cfg.warm_start.data), "ws_eval": content_hash(cfg.warm_start.eval_data),
-            "prompts": content_hash(cfg.ppo.prompts)}
+            "prompts": content_hash(cfg.ppo.prompts),
+            "ws_mix": content_hash(source_path(mix)) if mix is not None and mix != BUILTIN else None}
     eval_hash = data["prompts"] if eval_prompts == cfg.ppo.prompts else content_hash(eval_prompts)
     prefix = _key(_prefix_fields(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
-    ws = _key(prefix, asdict(cfg.warm_start), data["ws_data"], data["ws_eval"])
+    ws = _key(prefix, _warm_start_fields(cfg.warm_start), data["ws_data"], data["ws_eval"],
+              *([data["ws_mix"]] if data["ws_mix"] else []))
     ppo = _key(ws if cfg.warm_start.enabled else prefix, asdict(cfg.ppo), cfg.reward, data["prompts"])
     base = _key(cfg.model.name, cfg.reward, eval_prompts, eval_kw, eval_hash, cfg.ppo.on_reward_error,
                 cfg.ppo.reward_penalty)
@@ -240,7 +259,7 @@ def _check_checkpoints(cfg: RunConfig, out: Path, markers: Stages, keys: dict) -
     data = keys["data"]
     if cfg.warm_start.enabled and markers.done("warm_start", keys["warm_start"]) is None:
         skip = _NOT_RESUME_PARTS - {"steps"}
-        parts = {f"warm_start.{k}": v for k, v in asdict(cfg.warm_start).items() if k not in skip}
+        parts = {f"warm_start.{k}": v for k, v in _warm_start_fields(cfg.warm_start).items() if k not in skip}
         parts.update({"warm_start.data (content)": data["ws_data"], "warm_start.eval_data (content)": data["ws_eval"],
                       "starting prefix": keys["prefix"]})
         check_resume(out / "warm_start", out / "warm_start" / "checkpoint", parts, cfg.warm_start.steps,
@@ -318,16 +337,24 @@ def stage_warm_start(r: Run, prefix):
         res = warm_start_stage.warm_start(r.model, r.tok, prefix, cfg.warm_start.data, ws_cfg,
                                           eval_dataset=cfg.warm_start.eval_data, output_dir=r.out / "warm_start",
                                           dist=r.dist, tensorboard=cfg.logging.tensorboard)
-        assert_finite("warm-start prefix", res.steps_done, res.prefix.key_values(r.model))
+        assert_finite("warm-start prefix", res.steps_done,
+                      *(res.prefix.parameters() if is_input_conditioned(res.prefix) else [res.prefix.key_values(r.model)]))
         if r.dist.is_main:
             res.prefix.save(r.out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
                                                          "model": cfg.model.name})
-        return {"best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done}
+        info = {"best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done}
+        if res.forgetting:  # general-text perplexity of the best prefix with / without it (rlprefix.general_text)
+            info["forgetting"] = {**res.forgetting, "data": cfg.warm_start.mix_data}
+        if res.mixed:
+            info["mixed"] = {"examples": res.mixed, "ratio": cfg.warm_start.mix_ratio, "data": cfg.warm_start.mix_data}
+        return info
 
     info, prefix = stage(r, "warm_start", r.keys["warm_start"], compute,
                          lambda: load_prefix(r.out / "prefix_warmstart", r.model))
     r.summary["warm_start"] = info
-    r.log(f"warm start: best eval loss {info['best_eval_loss']:.3f} (step {info['best_step']})")
+    r.log(f"warm start: best eval loss {info['best_eval_loss']:.3f} (step {info['best_step']})"
+          + (f", general-text perplexity x{info['forgetting']['forgetting_ratio']:.3f} with the prefix"
+             if "forgetting" in info else ""))
     if cfg.ppo.enabled:
         mid = held_out_eval(r, "eval_warm_start", prefix)
         if mid:
@@ -347,7 +374,8 @@ def stage_ppo(r: Run, prefix):
                             eval_prompts=r.eval_prompts, output_dir=r.out / "ppo", dist=r.dist,
                             tensorboard=cfg.logging.tensorboard)
         trained = plain_kv(res.prefix, r.model)
-        assert_finite("PPO prefix", res.steps_done, trained.key_values(r.model))
+        assert_finite("PPO prefix", res.steps_done,
+                      *(trained.parameters() if is_input_conditioned(trained) else [trained.key_values(r.model)]))
         last = res.history[-1] if res.history else {}
         if r.dist.is_main:
             trained.save(r.out / "prefix_ppo", {"stage": "ppo", "reward": reward_names(cfg), "model": cfg.model.name,

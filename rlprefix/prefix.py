@@ -7,6 +7,8 @@ Four parameterisations share one interface, `key_values(model) -> [layers, 2, le
             trainable parameters than "kv" (see rlprefix.shared_prefix);
 - "prompt": input-embedding virtual tokens (Prompt Tuning), the baseline; its K/V are what the
             frozen model computes for those embeddings, so it plugs into the same cache machinery.
+A fifth kind, "dynamic", depends on the input (a bank of K/V prefixes mixed per row by a router): it is its own
+class, `rlprefix.dynamic_prefix.DynamicPrefix`, which `for_model` / `from_text` build for kind "dynamic".
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from . import sharding
 from .artifacts import load_prefix, register_kind, save_prefix
 from .modeling import KVSpec, kv_spec
 from .runtime import cache_to_kv, text_kv
+from .dynamic_prefix import DynamicPrefix
 from .shared_prefix import default_shared_dim, init_shared, shared_key_values
 
-PrefixKind = Literal["kv", "mlp", "prompt", "shared"]
+PrefixKind = Literal["kv", "mlp", "prompt", "shared", "dynamic"]
 KINDS = ("kv", "mlp", "prompt", "shared")
 
 
@@ -81,7 +84,10 @@ class Prefix(nn.Module):
     # --- construction -------------------------------------------------------------------------------
     @classmethod
     def for_model(cls, model, length: int, kind: PrefixKind = "mlp", **kw) -> "Prefix":
-        """A randomly initialised prefix whose shapes come from `model.config`."""
+        """A randomly initialised prefix whose shapes come from `model.config` (kind "dynamic": a DynamicPrefix,
+        `bank_size` entries)."""
+        if kind == "dynamic":
+            return DynamicPrefix(kv_spec(model), length, **kw)
         return cls(kv_spec(model), length, kind, **kw)
 
     @classmethod
@@ -103,6 +109,8 @@ class Prefix(nn.Module):
             ids = ids + tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([ids[:length]], device=model.device)
         spec = kv_spec(model)
+        if kind == "dynamic":  # every bank entry starts at the text's K/V (see rlprefix.dynamic_prefix)
+            return DynamicPrefix(spec, length, init_kv=text_kv(model, ids[0].tolist()), init_ids=ids[0].tolist(), **kw)
         if kind == "prompt":
             prefix = cls(spec, length, "prompt", **kw)
             with sharding.gathered(model):  # a sharded model's embedding table is gathered for this direct call

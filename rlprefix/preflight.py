@@ -7,6 +7,7 @@ from rewards import REGISTRY, build_reward, load_callable
 
 from .config import ConfigError, RunConfig
 from .data import load_records, require_columns
+from .general_text import load_passages
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -39,11 +40,23 @@ def check_data(cfg: RunConfig) -> None:
     if cfg.warm_start.enabled:
         check_dataset(cfg.warm_start.data, "warm_start.data", sft)
         check_dataset(cfg.warm_start.eval_data, "warm_start.eval_data", sft)
+        check_general_text(cfg)
     if cfg.ppo.enabled:
         check_dataset(cfg.ppo.prompts, "ppo.prompts", [["prompt"]])
     check_dataset(cfg.ppo.eval_prompts, "ppo.eval_prompts", [["prompt"]])
     if cfg.prefix.from_dir and not Path(cfg.prefix.from_dir).is_dir():
         raise ConfigError(f"prefix.from_dir: {cfg.prefix.from_dir} is not a directory")
+
+
+def check_general_text(cfg: RunConfig) -> None:
+    """warm_start.mix_data is readable, with passages, when it is used (mixing or the forgetting measure)."""
+    ws = cfg.warm_start
+    if ws.mix_data is None or (ws.mix_ratio == 0 and ws.forgetting_eval == 0):
+        return
+    try:
+        load_passages(ws.mix_data)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"warm_start.mix_data: {e}") from None
 
 
 def check_reward(spec: dict, key: str = "reward") -> None:

@@ -30,12 +30,17 @@ def check_family(spec: KVSpec, model, what: str = "the prefix") -> None:
                                  f"{have.family} [{have.describe()}]; a prefix only fits the family it was made for")
 
 
-def prefix_kv(model, prefix) -> torch.Tensor | None:
-    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one)."""
+def prefix_kv(model, prefix, input_ids: torch.Tensor | None = None,
+              route_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one). An input-conditioned
+    prefix (kind dynamic) gives per-row K/V [rows, layers, 2, P, kv_dim] for `input_ids`, routed on the tokens
+    where `route_mask` is 1."""
     if prefix is None or prefix.length == 0:
         return None
     if getattr(prefix, "spec", None) is not None:
         check_family(prefix.spec, model)
+    if getattr(prefix, "input_conditioned", False):
+        return prefix.key_values(model, input_ids, route_mask)
     return prefix.key_values(model)
 
 

@@ -25,23 +25,26 @@ __all__ = ["model_dtype", "build_cache", "cache_layers", "cache_to_kv", "text_kv
 def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> DynamicCache:
     """A fresh DynamicCache holding the prefix K/V ([layers, 2, P, kv_dim]) for `batch_size` rows.
 
-    The K/V are expanded (a view, not a copy) across the batch; gradients flow back into `kv`.
+    The K/V are expanded (a view, not a copy) across the batch; gradients flow back into `kv`. Per-row K/V
+    ([batch, layers, 2, P, kv_dim], an input-conditioned prefix) give each row its own.
     """
     cache = DynamicCache()
-    if kv is None or kv.shape[2] == 0:
+    if kv is None or kv.shape[-2] == 0:
         return cache
     spec = kv_spec(model)
     if spec.encoder_decoder:
         raise ValueError(f"build_cache is for decoder-only models; {spec.describe()} takes its prefix through "
                          f"rlprefix.seq2seq.build_cache")
-    if kv.shape[0] != spec.num_layers or kv.shape[3] != spec.kv_dim:
+    rows = kv if kv.dim() == 5 else kv.unsqueeze(0)
+    if rows.shape[1] != spec.num_layers or rows.shape[4] != spec.kv_dim or rows.shape[0] not in (1, batch_size):
         raise ValueError(f"prefix K/V has shape {tuple(kv.shape)}, the model needs "
-                         f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()})")
-    kv = kv.to(device=model.device, dtype=model_dtype(model))
-    length = kv.shape[2]
+                         f"[{spec.num_layers}, 2, length, {spec.kv_dim}] ({spec.describe()}), or one per row of "
+                         f"the {batch_size}")
+    rows = rows.to(device=model.device, dtype=model_dtype(model))
+    length = rows.shape[3]
     for layer in range(spec.num_layers):
-        k, v = (kv[layer, i].view(length, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
-                .unsqueeze(0).expand(batch_size, -1, -1, -1) for i in (0, 1))
+        k, v = (rows[:, layer, i].view(rows.shape[0], length, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+                .expand(batch_size, -1, -1, -1) for i in (0, 1))
         cache.update(k, v, layer)
     return cache
 
@@ -63,11 +66,13 @@ def position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None, *,
-            kv: torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden: bool = False) -> ForwardOutput:
-    """One forward pass over full sequences with the prefix attached (pass `kv` to reuse computed K/V)."""
+            kv: torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden: bool = False,
+            route_mask: torch.Tensor | None = None) -> ForwardOutput:
+    """One forward pass over full sequences with the prefix attached (pass `kv` to reuse computed K/V).
+    `route_mask`: the prompt tokens an input-conditioned prefix routes on (default: every real token)."""
     if kv is None:
-        kv = prefix_kv(model, prefix)
-    length = 0 if kv is None else kv.shape[2]
+        kv = prefix_kv(model, prefix, input_ids, attention_mask if route_mask is None else route_mask)
+    length = 0 if kv is None else kv.shape[-2]
     batch = input_ids.shape[0]
     cache = build_cache(model, kv, batch)
     full_mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1)
@@ -107,7 +112,9 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     tc = completion_ids.shape[1]
-    out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden)
+    route = torch.cat([prompt_mask, torch.zeros_like(completion_mask)], dim=1)  # an input-conditioned prefix: the prompt
+    out = forward(model, input_ids, mask, prefix, kv=kv, logits_to_keep=tc + 1, output_hidden=output_hidden,
+                  route_mask=route)
     logits = out.logits[:, :-1]
     hidden = out.hidden[:, :-1] if out.hidden is not None else None
     return SequenceScores(logprobs_of(logits, completion_ids, temperature), logits, hidden)
@@ -116,10 +123,10 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
 def _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv, temperature,
                   output_hidden, first: torch.Tensor, inverse: torch.Tensor) -> SequenceScores:
     """score_completions with the prompt computed once per unique prompt (rows `first`, row r uses inverse[r])."""
-    if kv is None:
-        kv = prefix_kv(model, prefix)
-    length = 0 if kv is None else kv.shape[2]
     p_ids, p_mask = prompt_ids[first], prompt_mask[first]
+    if kv is None:  # an input-conditioned prefix: one K/V per unique prompt, indexed out with the prompt's cache
+        kv = prefix_kv(model, prefix, p_ids, p_mask)
+    length = 0 if kv is None else kv.shape[-2]
     cache = build_cache(model, kv, len(first))
     # 1. the unique prompts, keeping the logit (and hidden state) of their last position: it predicts token 1
     head = model(input_ids=p_ids, attention_mask=torch.cat([p_mask.new_ones(len(first), length), p_mask], 1),

@@ -23,8 +23,17 @@ def render_summary(s: dict) -> str:
             lines.append(f"| {name} | {r['reward_mean']:.3f} | {se:.3f} | {gain} | {r.get('kl_to_base', 0.0):.2f} |")
             prev = (r["reward_mean"], se)
     if "warm_start" in s:
-        lines += ["", f"- warm start: best eval loss {s['warm_start']['best_eval_loss']:.3f} "
-                      f"at step {s['warm_start']['best_step']}"]
+        ws = s["warm_start"]
+        lines += ["", f"- warm start: best eval loss {ws['best_eval_loss']:.3f} at step {ws['best_step']}"]
+        if ws.get("mixed"):
+            m = ws["mixed"]
+            lines.append(f"- general text mixed into the warm start: {m['examples']} passages "
+                         f"(mix_ratio {m['ratio']:g}, `{m['data']}`)")
+        if ws.get("forgetting"):
+            f = ws["forgetting"]
+            lines.append(f"- forgetting (general-text perplexity, {f.get('passages')} held-out passages of "
+                         f"`{f.get('data')}`): {f['general_ppl']:.2f} with the warm-start prefix vs "
+                         f"{f['general_ppl_base']:.2f} without, ratio {f['forgetting_ratio']:.3f}")
     if "ppo" in s:
         p = s["ppo"]
         lines += [f"- RL: {p['steps']} steps, last training reward {p.get('final_train_reward') or 0:.3f}, "

@@ -38,6 +38,7 @@ from .. import engine
 from ..generation import Rollout, encode_prompts
 from ..guards import assert_finite
 from ..prefix import Prefix
+from ..dynamic_prefix import is_input_conditioned
 from ..runtime import entropy_of, score_completions
 from ..scorer import Scorer
 from ..seeds import derive_seed
@@ -236,6 +237,10 @@ def rollout(model, tokenizer, prefix: Prefix, prompts: list[str], cfg: PPOConfig
     """Sample one completion per row with the current prefix, recording the policy's log-probs."""
     prefix.eval()
     ids, mask = encode_prompts(tokenizer, prompts, cfg.chat, cfg.system, device=model.device)
+    if is_input_conditioned(prefix):  # each row its own mixture, on the engine's per-row path
+        return engine.sample(model, tokenizer, ids, mask, prefix, max_new_tokens=cfg.max_new_tokens,
+                             min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p, return_hidden=cfg.uses_critic, row_seeds=row_seeds)
     kv = prefix.key_values(model) if prefix.length else None
     return engine.sample(model, tokenizer, ids, mask, kv=kv, max_new_tokens=cfg.max_new_tokens,
                   min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -499,6 +504,9 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     # --- setup: data, reward hygiene, reference, value head (gae), optimiser, the run (resumed) ---
     cfg = config or PPOConfig()
     cfg.validate()  # again: fields may have been changed since construction
+    if is_input_conditioned(prefix) and cfg.reference == "initial":
+        raise ValueError("ppo.reference: initial keeps one fixed reference K/V, which an input-conditioned prefix "
+                         "(kind dynamic) does not have; use reference: base (KL to the frozen model without prefix)")
     dist = dist or Dist()
     s = _setup(model, prefix, prompts, reward, cfg, dist)
     cfg_hash = config_hash(cfg, ignore=NOT_IN_PPO_HASH, prefix=prefix.config_dict(), n=len(s.ds))

@@ -2,7 +2,9 @@
 the base model frozen, keep the best prefix by eval loss, then merge it to plain per-layer K/V.
 
 One readable loop: AdamW, warm-up + decay, gradient clipping and accumulation, optional bf16 autocast,
-periodic eval (loss, perplexity), early stopping, and checkpoints that resume bit-for-bit.
+periodic eval (loss, perplexity, and forgetting: general-text perplexity with the prefix vs without), early
+stopping, and checkpoints that resume bit-for-bit. General text can be mixed into the training examples against
+forgetting (`mix_ratio`; see rlprefix.general_text for how and how its loss is taken).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from .. import seq2seq
 from ..data import SFTExample, collate_sft, load_records, tokenize_sft
 from ..distributed import Dist
+from ..dynamic_prefix import is_input_conditioned
+from ..general_text import BUILTIN, forgetting_record, load_passages, mix_in, split_passages, text_examples
 from ..guards import assert_finite
 from ..modeling import is_encoder_decoder
 from ..prefix import Prefix
@@ -26,7 +30,7 @@ from ..runtime import forward
 from ..schedule import lr_at
 from ..seeds import derive_seed
 from ..sharding import local_rows, padding_starts
-from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, Settings, at_least, one_of, setting
+from ..settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, ConfigError, Settings, at_least, one_of, setting
 from ..stage_run import Laps, StageRun, config_hash
 
 
@@ -57,6 +61,30 @@ class WarmStartConfig(Settings):
     system: str | None = setting(None, "system message for chat prompts")
     merge: bool = setting(True, "return the merged (plain K/V) prefix")
     progress: bool = setting(True, "this stage's progress bar (logging.progress: false turns every bar off)")
+    mix_data: str | None = setting(BUILTIN, "general text mixed in and used to measure forgetting: builtin (a "
+                                   "sample shipped with rlprefix), a .txt file (one passage per line) or a JSONL/"
+                                   "CSV/Parquet file with a text column (null: none)",
+                                   Check(lambda v: bool(v.strip()), "a non-empty name or path", "is empty"))
+    mix_ratio: float = setting(0.0, "fraction of the training examples that are general-text passages, trained as "
+                               "plain text with the prefix (0: no mixing; 0.05 is a sensible start)",
+                               Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    forgetting_eval: int = setting(32, "general-text passages held out to measure forgetting at every evaluation "
+                                   "(perplexity with the prefix / without; 0: not measured)", NONNEG)
+
+    def check_fields_together(self) -> None:
+        if self.mix_ratio > 0 and self.mix_data is None:
+            raise ConfigError(f"{self.key('mix_ratio')}: {self.mix_ratio} needs {self.key('mix_data')} (builtin or a "
+                              f"text file); it is null")
+
+
+# Settings a checkpoint does not depend on beyond `NOT_IN_HASH`: the mixed-in passages are part of the training
+# examples, which are hashed as content (so a warm start without mixing keeps the hash it had before these
+# settings existed), and the forgetting measure changes no training step.
+NOT_IN_WARM_START_HASH = {
+    "mix_data": "its passages in the training data are hashed as content",
+    "mix_ratio": "the mixed training data is hashed as content",
+    "forgetting_eval": "a measurement at evaluation time only; the prefix trained does not depend on it",
+}
 
 
 @dataclass
@@ -68,6 +96,8 @@ class WarmStartResult:
     steps_done: int
     history: list[dict] = field(default_factory=list)
     truncated: int = 0
+    forgetting: dict | None = None     # general_ppl, general_ppl_base, forgetting_ratio of the best prefix
+    mixed: int = 0                     # general-text examples among the training examples
 
 
 def split_dataset(ds, eval_fraction: float, seed: int):
@@ -87,15 +117,16 @@ def _autocast(model, precision: str):
 
 
 def completion_nll(model, prefix, batch: dict, precision: str = "fp32") -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over completion tokens (labels != -100), and how many there were."""
+    """Summed next-token NLL over completion tokens (labels != -100), and how many there were. An
+    input-conditioned prefix routes on the prompt tokens (real tokens without a label), as at generation."""
     device = model.device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with _autocast(model, precision):
         if "source_ids" in batch:  # an encoder-decoder model: the source to the encoder, ids/labels are the decoder's
             src, src_mask = batch["source_ids"].to(device), batch["source_mask"].to(device)
             logits = seq2seq.forward(model, src, src_mask, ids, mask, prefix).logits
-        else:
-            logits = forward(model, ids, mask, prefix).logits
+        else:  # an input-conditioned prefix routes on the prompt tokens (those without a label)
+            logits = forward(model, ids, mask, prefix, route_mask=mask * (labels == -100)).logits
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           ignore_index=-100, reduction="sum")
@@ -139,6 +170,9 @@ class _Data:
     evals: list[SFTExample]
     pad_id: int
     cfg: WarmStartConfig
+    general: list[SFTExample] = field(default_factory=list)  # held-out general text (the forgetting measure)
+    mixed: int = 0                                            # general-text examples at the end of `train`
+    general_base_nll: float | None = None                     # the bare model's NLL on `general`
 
     @property
     def micro_per_epoch(self) -> int:
@@ -201,7 +235,22 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
     start = seq2seq.decoder_start_id(model) if is_encoder_decoder(model) else None  # (source, target) pairs
     train = tokenize_sft(train_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system, start)
     evals = tokenize_sft(eval_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system, start)
-    return _Data(train, evals, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    general, n_task = [], len(train)
+    if cfg.mix_data is not None and (cfg.mix_ratio > 0 or cfg.forgetting_eval > 0):
+        pool, held_out = split_passages(load_passages(cfg.mix_data), cfg.forgetting_eval, cfg.seed)
+        train = mix_in(train, text_examples(pool, tokenizer, cfg.max_length), cfg.mix_ratio, cfg.seed)
+        general = text_examples(held_out, tokenizer, cfg.max_length)
+    if is_input_conditioned(prefix) and not bool(prefix.centre.any()):  # the router's centre: the training prompts
+        prefix.fit_centre(model, _prompt_batches(train[:n_task], pad_id))
+    return _Data(train, evals, pad_id, cfg, general, len(train) - n_task)
+
+
+def _prompt_batches(examples: list[SFTExample], pad_id: int, size: int = 16):
+    """(input_ids, prompt mask) batches of the examples, the prompt being the real tokens without a label."""
+    for i in range(0, len(examples), size):
+        b = collate_sft(examples[i:i + size], pad_id)
+        yield b["input_ids"], b["attention_mask"] * (b["labels"] == -100)
 
 
 def accumulate_gradients(model, prefix: Prefix, batches: list[dict], n_tokens: int, cfg: WarmStartConfig,
@@ -221,9 +270,24 @@ def accumulate_gradients(model, prefix: Prefix, batches: list[dict], n_tokens: i
 
 
 def _held_out(model, prefix: Prefix, data: _Data, cfg: WarmStartConfig, dist, step: int) -> dict:
+    """Held-out task loss and perplexity; with held-out general text, the forgetting measure too."""
     eval_loss = evaluate_loss(model, prefix, data.evals, data.pad_id, precision=cfg.precision, dist=dist)
     assert_finite("warm-start eval loss", step, eval_loss)
-    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+    record = {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+    if data.general:
+        if data.general_base_nll is None:  # the frozen model alone: once per run
+            data.general_base_nll = evaluate_loss(model, None, data.general, data.pad_id, precision=cfg.precision,
+                                                  dist=dist)
+        nll = evaluate_loss(model, prefix, data.general, data.pad_id, precision=cfg.precision, dist=dist)
+        record.update(forgetting_record(nll, data.general_base_nll))
+    return record
+
+
+def _forgetting_at(history: list[dict], step: int, passages: int) -> dict | None:
+    """The forgetting measure recorded at `step` (the best prefix's evaluation), if it was measured."""
+    keys = ("general_ppl", "general_ppl_base", "forgetting_ratio")
+    rec = next((h for h in history if h.get("step") == step and "forgetting_ratio" in h), None)
+    return {**{k: rec[k] for k in keys}, "passages": passages} if rec else None
 
 
 def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfig | None = None, *,
@@ -244,7 +308,8 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     opt = torch.optim.AdamW(prefix.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = _Best(prefix, cfg.early_stop_patience)
     # every setting counts but NOT_IN_HASH: `steps` shapes the learning-rate schedule, evaluations pick the best
-    cfg_hash = config_hash(cfg, prefix=prefix.config_dict(), n=len(data.train), blobs=_content(data.train, prefix))
+    cfg_hash = config_hash(cfg, ignore=NOT_IN_WARM_START_HASH, prefix=prefix.config_dict(), n=len(data.train),
+                           blobs=_content(data.train, prefix))
     run = StageRun(output_dir, "warmstart", cfg_hash, dist, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                    what="warm-start config or dataset", desc="warm start", progress=cfg.progress,
                    tensorboard=tensorboard, on_step=on_step)
@@ -285,4 +350,6 @@ def warm_start(model, tokenizer, prefix: Prefix, dataset, config: WarmStartConfi
     prefix.eval()
     result_prefix = prefix.merge(model) if cfg.merge else prefix
     run.close(["loss", "eval_loss", "lr"], title=f"warm start ({run.seconds:.0f}s)")
-    return WarmStartResult(result_prefix, best.loss, best.step, final_eval, run.step, run.history)
+    return WarmStartResult(result_prefix, best.loss, best.step, final_eval, run.step, run.history,
+                           forgetting=_forgetting_at(run.history, best.step, len(data.general)),
+                           mixed=data.mixed)
