@@ -374,3 +374,15 @@ def test_shared_sources_run_the_encoder_once_with_the_same_scores(s2s, tok):
         hook.remove()
     assert rows == [len(SOURCES), len(ids)]
     assert torch.allclose(shared, apart, atol=1e-5)
+
+
+
+def test_general_text_mixing_is_refused_and_forgetting_skipped(s2s, tok):
+    """General text is decoder-only LM text: on an encoder-decoder model the forgetting measure is skipped (the
+    default) and mixing it in is refused, naming the setting."""
+    prefix = rlprefix.Prefix.for_model(s2s, 4, "kv", generator=torch.Generator().manual_seed(0))
+    cfg = rlprefix.WarmStartConfig(steps=2, batch_size=4, eval_every=1, eval_fraction=0.25, progress=False)
+    res = rlprefix.warm_start(s2s, tok, prefix, PAIRS, cfg)
+    assert res.forgetting is None and "forgetting_ratio" not in res.history[-1]
+    with pytest.raises(ValueError, match="warm_start.mix_ratio"):
+        rlprefix.warm_start(s2s, tok, prefix, PAIRS, rlprefix.WarmStartConfig(steps=1, mix_ratio=0.05, progress=False))

@@ -237,7 +237,10 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
     evals = tokenize_sft(eval_ds, tokenizer, cfg.max_length, cfg.chat, cfg.system, start)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     general, n_task = [], len(train)
-    if cfg.mix_data is not None and (cfg.mix_ratio > 0 or cfg.forgetting_eval > 0):
+    if start is not None and cfg.mix_ratio > 0:  # general text is decoder-only LM text: no source to pair it with
+        raise ValueError(f"warm_start.mix_ratio: {cfg.mix_ratio} mixes general text as plain language-model text, "
+                         f"which an encoder-decoder model ({type(model).__name__}) has no form for; set it to 0")
+    if start is None and cfg.mix_data is not None and (cfg.mix_ratio > 0 or cfg.forgetting_eval > 0):
         pool, held_out = split_passages(load_passages(cfg.mix_data), cfg.forgetting_eval, cfg.seed)
         train = mix_in(train, text_examples(pool, tokenizer, cfg.max_length), cfg.mix_ratio, cfg.seed)
         general = text_examples(held_out, tokenizer, cfg.max_length)
