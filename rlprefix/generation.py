@@ -10,7 +10,7 @@ import torch
 
 from . import seq2seq, sharding
 from .modeling import is_encoder_decoder
-from .primitives import Rollout, eos_ids, filter_logits, logprobs_of, next_tokens, prefix_kv, row_generators
+from .primitives import DecodeRecord, Rollout, eos_ids, filter_logits, logprobs_of, next_tokens, prefix_kv, row_generators
 from .runtime import build_cache, position_ids
 
 # Rollout, eos_ids, filter_logits, row_generators and next_tokens are defined in rlprefix.primitives (shared with
@@ -81,33 +81,22 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     pos = position_ids(prompt_mask, length)
     inputs = prompt_ids
     row_gens = row_generators(row_seeds, batch)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps, alive, hiddens = [], [], [], []
+    record = DecodeRecord(batch, stop, pad)
     for step in range(max_new_tokens):
         out = model(input_ids=inputs, attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1, output_hidden_states=return_hidden)
         cache = out.past_key_values
-        if return_hidden:
-            hiddens.append(out.hidden_states[-1][:, -1])
         logits = out.logits[:, -1].float()
         nxt = next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p, row_gens,
                           generator)
-        lp = logprobs_of(logits, nxt, temperature)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        alive.append(~done)
-        tokens.append(nxt)
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | torch.isin(nxt, stop)
-        if sharding.agree_all(model, bool(done.all())):  # sharded: until every process's rows are finished
+        nxt = record.add(nxt, logprobs_of(logits, nxt, temperature),
+                         out.hidden_states[-1][:, -1] if return_hidden else None)
+        if sharding.agree_all(model, bool(record.done.all())):  # sharded: until every process's rows are finished
             break
         inputs = nxt.unsqueeze(1)
         attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
         pos = pos[:, -1:] + 1
-    completion = torch.stack(tokens, 1)
-    mask = torch.stack(alive, 1).long()
-    texts = tokenizer.batch_decode(completion.masked_fill(mask == 0, pad), skip_special_tokens=True) if decode else []
-    hidden = torch.stack(hiddens, 1) if return_hidden else None
-    return Rollout(prompt_ids, prompt_mask, completion, mask, torch.stack(logps, 1), texts, hidden)
+    return record.rollout(tokenizer, prompt_ids, prompt_mask, decode)
 
 
 def generate(model, tokenizer, prompts: list[str], prefix=None, *, chat: bool | None = None,

@@ -157,3 +157,34 @@ def next_tokens(logits: torch.Tensor, stop: torch.Tensor, block_stop: bool, do_s
         return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(
             max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class DecodeRecord:
+    """What a reference decode loop keeps per step, for `generation.sample` and the encoder-decoder loop
+    (`seq2seq`): a finished row is fed the pad token and records log-prob 0 and mask 0 from the step after its
+    stop token."""
+
+    def __init__(self, batch: int, stop: torch.Tensor, pad: int):
+        self.stop, self.pad = stop, pad
+        self.done = torch.zeros(batch, dtype=torch.bool, device=stop.device)
+        self.tokens, self.logps, self.alive, self.hiddens = [], [], [], []
+
+    def add(self, nxt: torch.Tensor, lp: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Record one step's tokens and their log-probs (and the hidden state that chose them); returns the tokens
+        to feed next (the pad token for finished rows)."""
+        if hidden is not None:
+            self.hiddens.append(hidden)
+        nxt = torch.where(self.done, torch.full_like(nxt, self.pad), nxt)
+        self.alive.append(~self.done)
+        self.tokens.append(nxt)
+        self.logps.append(torch.where(self.done, torch.zeros_like(lp), lp))
+        self.done = self.done | torch.isin(nxt, self.stop)
+        return nxt
+
+    def rollout(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, decode: bool) -> Rollout:
+        completion = torch.stack(self.tokens, 1)
+        mask = torch.stack(self.alive, 1).long()
+        texts = tokenizer.batch_decode(completion.masked_fill(mask == 0, self.pad),
+                                       skip_special_tokens=True) if decode else []
+        hidden = torch.stack(self.hiddens, 1) if self.hiddens else None
+        return Rollout(prompt_ids, prompt_mask, completion, mask, torch.stack(self.logps, 1), texts, hidden)

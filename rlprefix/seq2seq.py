@@ -55,12 +55,19 @@ def peft_slots(num_layers: int) -> list[int]:
     return [(2 * layer) % num_layers for layer in range(num_layers)]
 
 
-def decoder_start_id(model) -> int:
+def config_token_id(model, name: str) -> int:
+    """A token id from the model's config (or its generation config), the first one when it holds a list."""
     for cfg in (model.config, getattr(model, "generation_config", None)):
-        start = getattr(cfg, "decoder_start_token_id", None)
-        if start is not None:
-            return int(start)
-    raise ValueError(f"the {model.config.model_type!r} model has no decoder_start_token_id in its config")
+        token = getattr(cfg, name, None)
+        if isinstance(token, (list, tuple)):
+            token = token[0] if token else None
+        if token is not None:
+            return int(token)
+    raise ValueError(f"the {model.config.model_type!r} model has no {name} in its config")
+
+
+def decoder_start_id(model) -> int:
+    return config_token_id(model, "decoder_start_token_id")
 
 
 def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> EncoderDecoderCache:
@@ -83,13 +90,7 @@ def build_cache(model, kv: torch.Tensor | None, batch_size: int) -> EncoderDecod
 
 def neutral_source_id(model) -> int:
     """The token of the neutral source that text K/V are computed with: the model's EOS."""
-    for cfg in (model.config, getattr(model, "generation_config", None)):
-        eos = getattr(cfg, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        if eos is not None:
-            return int(eos)
-    raise ValueError(f"the {model.config.model_type!r} model has no eos_token_id in its config")
+    return config_token_id(model, "eos_token_id")
 
 
 def to_slots(per_layer: torch.Tensor) -> torch.Tensor:
@@ -217,36 +218,25 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
         max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
     inputs = torch.full((batch, 1), decoder_start_id(model), dtype=torch.long, device=device)
     dmask = torch.ones(batch, length + 1, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps, alive, hiddens = [], [], [], []
+    record = primitives.DecodeRecord(batch, stop, pad)
     for step in range(max_new_tokens):
         out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=inputs,
                     decoder_attention_mask=dmask, past_key_values=cache, use_cache=True,
                     output_hidden_states=return_hidden)
         cache = out.past_key_values
-        if return_hidden:
-            hiddens.append(out.decoder_hidden_states[-1][:, -1])
         logits = out.logits[:, -1].float()
         if force_tokens is not None:
             nxt = force_tokens[:, step].to(device)
         else:
             nxt = primitives.next_tokens(logits, stop, step < min_new_tokens, do_sample, temperature, top_k, top_p,
                                          row_gens, generator)
-        lp = primitives.logprobs_of(logits, nxt, temperature)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        alive.append(~done)
-        tokens.append(nxt)
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
+        nxt = record.add(nxt, primitives.logprobs_of(logits, nxt, temperature),
+                         out.decoder_hidden_states[-1][:, -1] if return_hidden else None)
+        if bool(record.done.all()):
             break
         inputs = nxt.unsqueeze(1)
         dmask = torch.cat([dmask, dmask.new_ones(batch, 1)], dim=1)
-    completion = torch.stack(tokens, 1)
-    cmask = torch.stack(alive, 1).long()
-    texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0, pad), skip_special_tokens=True) if decode else []
-    hidden = torch.stack(hiddens, 1) if return_hidden else None
-    return Rollout(ids, mask, completion, cmask, torch.stack(logps, 1), texts, hidden)
+    return record.rollout(tokenizer, ids, mask, decode)
 
 
 def _merge(parts, rows: int, tokenizer, decode: bool) -> Rollout:
@@ -268,4 +258,4 @@ def _merge(parts, rows: int, tokenizer, decode: bool) -> Rollout:
             for j, text in zip(sel.tolist(), r.texts):
                 texts[j] = text
     return Rollout(gather("prompt_ids", pad), gather("prompt_mask", 0), gather("completion_ids", pad),
-                              gather("completion_mask", 0), gather("logprobs", 0.0), texts, gather("hidden", 0.0))
+                   gather("completion_mask", 0), gather("logprobs", 0.0), texts, gather("hidden", 0.0))
