@@ -69,27 +69,17 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     bank, slots = _bank(model, named) if dynamic is None else (None, {k: 0 for k in named})
     per = max(1, batch_size // len(keys))
     acc = {k: ([], [], []) for k in keys}  # rewards, texts, kls
+    sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     for i in sharding.padding_starts(model, dist, len(rows), per):
-        if i is None:  # sharded model, this process is out of rows: sample and score one throwaway row
-            _throwaway(model, tokenizer, ds[0], scorer, bank, slots, keys, chat, system, max_new_tokens, temperature,
-                       dynamic)
+        if i is None:  # sharded model, this process is out of rows: the work of one throwaway row, results dropped
+            _batch(model, tokenizer, [ds[0]], [0], scorer, dynamic, bank, slots, keys, chat, system, sample_kw)
             continue
         chunk = rows[i:i + per]
-        p = [r["prompt"] for r in chunk]
-        cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
-        ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
-        n = len(chunk)
-        index = torch.tensor([slots[k] for k in keys]).repeat_interleave(n)
-        roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), dynamic, bank=bank,
-                      prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, row_seeds=seeds[i:i + n] * len(keys))
-        kls = _kl_to_base(model, roll, index, temperature)
-        for j, k in enumerate(keys):
-            texts = roll.texts[j * n:(j + 1) * n]
-            values, _ = scorer(p, texts, **cols)
-            acc[k][0].extend(values.tolist())
-            acc[k][1].extend(texts)
-            acc[k][2].extend(kls[j * n:(j + 1) * n])
+        scored = _batch(model, tokenizer, chunk, seeds[i:i + len(chunk)], scorer, dynamic, bank, slots, keys, chat,
+                        system, sample_kw)
+        for k, parts in scored.items():
+            for into, part in zip(acc[k], parts):
+                into.extend(part)
     results = {k: _result(acc[k][0], acc[k][2], acc[k][1], rows, dist) for k in keys}
     if isinstance(prefix, dict):
         return results
@@ -98,19 +88,25 @@ def evaluate_reward(model, tokenizer, prefix, prompts, reward, *, chat: bool | N
     return results[0]
 
 
-def _throwaway(model, tokenizer, row, scorer, bank, slots, keys, chat, system, max_new_tokens, temperature,
-               dynamic=None) -> None:
-    """The work of one batch, results discarded: keeps a sharded model's collectives in step (a reward that runs
-    the model, such as `fluency`, is called as often as on the other processes)."""
-    ids, mask = encode_prompts(tokenizer, [row["prompt"]], chat, system, device=model.device)
-    index = torch.tensor([slots[k] for k in keys])
+def _batch(model, tokenizer, chunk: list[dict], seeds: list[int], scorer, dynamic, bank, slots, keys, chat, system,
+           sample_kw: dict) -> dict:
+    """Every evaluated prefix on every row of `chunk` in one engine batch: per key (rewards, texts, KLs to the
+    base). A sharded model's process that is out of rows runs it on a throwaway row, so its collectives (and a
+    reward that runs the model, such as `fluency`) stay in step with the other processes."""
+    p = [r["prompt"] for r in chunk]
+    cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
+    ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
+    n = len(chunk)
+    index = torch.tensor([slots[k] for k in keys]).repeat_interleave(n)
     roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), dynamic, bank=bank,
-                  prefix_index=index if bank is not None else None, max_new_tokens=max_new_tokens,
-                  temperature=temperature, row_seeds=[0] * len(keys))
-    _kl_to_base(model, roll, index, temperature)
-    cols = {k: [v] for k, v in row.items() if k != "prompt"}
-    for text in roll.texts:
-        scorer([row["prompt"]], [text], **cols)
+                  prefix_index=index if bank is not None else None, row_seeds=seeds * len(keys), **sample_kw)
+    kls = _kl_to_base(model, roll, index, sample_kw["temperature"])
+    out = {}
+    for j, k in enumerate(keys):
+        texts = roll.texts[j * n:(j + 1) * n]
+        values, _ = scorer(p, texts, **cols)
+        out[k] = (values.tolist(), texts, kls[j * n:(j + 1) * n])
+    return out
 
 
 def _dynamic(named: dict):
