@@ -217,9 +217,9 @@ def add_serve_parser(sub, model_args) -> None:
     s.add_argument("--prefixes", required=True, help="directory whose subdirectories are prefix artifacts")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=32,
+    s.add_argument("--max-batch", type=_positive_int, default=32,
                    help="most rows (completions) in the running batch; more wait for a free slot")
-    s.add_argument("--batch-wait-ms", type=float, default=5.0,
+    s.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
                    help="when nothing is decoding, how long to gather arriving rows to prefill together")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     model_args(s)
@@ -327,6 +327,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
