@@ -1,7 +1,8 @@
 """RL step throughput: rlprefix PPO vs TRL 1.x GRPOTrainer with a PEFT prefix and with LoRA.
 
 Same model, prompts (chat-templated), reward (VADER sentiment), completions per step and fixed completion
-length (min_new_tokens = max_new_tokens). Each method runs in its own process; we report steady-state
+length (min_new_tokens = max_new_tokens). rlprefix runs twice: with one gradient step per batch, like TRL
+GRPO's default, and with PPOConfig's default update schedule (several minibatches and epochs per batch). Each method runs in its own process; we report steady-state
 completions per second of a whole training step (generation + scoring + reference + update, first step
 excluded) and the process's peak resident memory. TRL runs with gradient checkpointing off (prefix tuning
 crashes with it on) and beta=0.04, so like rlprefix it computes a KL reference (the adapter switched off).
@@ -23,6 +24,7 @@ import torch
 
 from common import ROOT, md_table, write_result
 
+METHODS = ("rlprefix", "rlprefix-defaults", "trl-prefix", "trl-lora")
 PROMPTS = str(ROOT / "examples" / "data" / "review_prompts.jsonl")
 SHAPES = {  # real architectures, random init (for GPU runs where the real weights cannot travel)
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -58,8 +60,11 @@ def run_rlprefix(args) -> list[float]:
     model, tok = load(args)
     prefix = Prefix.from_text(model, tok, "Write a warm, friendly and positive reply.", 16, "kv")
     times = []
-    cfg = PPOConfig(steps=args.steps, batch_size=args.batch, minibatch_size=args.batch, epochs=1,
-                    max_new_tokens=args.tokens, min_new_tokens=args.tokens, lr=1e-2, progress=False)
+    # "rlprefix": one gradient step per batch, like TRL's GRPO (num_iterations=1); "rlprefix-defaults":
+    # PPOConfig's own update schedule (its epochs over minibatches), what a user gets without settings.
+    matched = dict(minibatch_size=args.batch, epochs=1, lr=1e-2) if args.method == "rlprefix" else {}
+    cfg = PPOConfig(steps=args.steps, batch_size=args.batch, max_new_tokens=args.tokens,
+                    min_new_tokens=args.tokens, progress=False, **matched)
     last = [time.perf_counter()]
 
     def on_step(step, record):
@@ -114,7 +119,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = run_rlprefix(args) if args.method == "rlprefix" else run_trl(args, args.method.split("-")[1])
+    times = run_trl(args, args.method.split("-")[1]) if args.method.startswith("trl") else run_rlprefix(args)
     steady = times[1:] or times
     out = {"method": args.method, "step_s": sum(steady) / len(steady), "steps_timed": len(steady),
            "completions_per_s": args.batch / (sum(steady) / len(steady)),
@@ -126,7 +131,7 @@ def child(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=["rlprefix", "trl-prefix", "trl-lora"])
+    ap.add_argument("--method", choices=METHODS)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
@@ -137,7 +142,7 @@ def main():
     if args.method:
         return child(args)
     rows = []
-    for method in ("rlprefix", "trl-prefix", "trl-lora"):
+    for method in METHODS:
         cmd = [sys.executable, __file__, "--method", method] + [f"--{k.replace('_', '-')}={v}" for k, v in
                                                                 vars(args).items() if k != "method" and v is not None]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
