@@ -11,6 +11,10 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
+# A benchmark measures the tree it sits in: without this, a checkout run with another checkout's editable
+# install (e.g. a git worktree sharing one venv) would import that other checkout's rlprefix and rewards.
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
 
 
 def machine() -> dict:

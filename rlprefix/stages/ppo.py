@@ -57,8 +57,8 @@ class PPOConfig(Settings):
     batch_size: int = setting(32, "completions per rollout (= prompts per step x group_size)", POSITIVE)
     group_size: int = setting(4, "completions sampled per prompt (rloo/grpo need >= 2)", POSITIVE)
     minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
-    epochs: int = setting(2, "passes over each rollout batch", POSITIVE)
-    lr: float = setting(3e-3, "prefix learning rate (Adam)", POSITIVE)
+    epochs: int = setting(1, "passes over each rollout batch", POSITIVE)
+    lr: float = setting(1e-2, "prefix learning rate (Adam)", POSITIVE)
     advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.stages.ppo)")  # checked with group_size below
     value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
     max_new_tokens: int = setting(40, "tokens sampled per completion", POSITIVE)
