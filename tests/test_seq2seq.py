@@ -3,7 +3,9 @@ import json
 
 import pytest
 import torch
+import transformers
 import yaml
+from packaging.version import Version
 
 import rlprefix
 from rlprefix import engine, seq2seq
@@ -108,20 +110,34 @@ def test_peft_export_gives_identical_logits(s2s, tok, tmp_path):
     assert torch.allclose(back, prefix.kv.detach(), atol=1e-6)
 
 
-def test_peft_generate_matches_greedy_sampling(s2s, tok, tmp_path):
+def check_peft_generate(model, tok, tmp_path):
     """PEFT's own generate (its prefill hook puts the prefix in) decodes the same greedy tokens as rlprefix."""
     peft = pytest.importorskip("peft")
-    prefix = kv_prefix(s2s)
-    export_peft(prefix, s2s, tmp_path / "peft")
+    prefix = kv_prefix(model)
+    export_peft(prefix, model, tmp_path / "peft")
     ids, mask = sources(tok)
-    roll = rlprefix.sample(s2s, tok, ids, mask, prefix, max_new_tokens=6, do_sample=False)
-    pm = peft.PeftModel.from_pretrained(s2s, tmp_path / "peft").eval()
+    roll = rlprefix.sample(model, tok, ids, mask, prefix, max_new_tokens=6, do_sample=False)
+    pm = peft.PeftModel.from_pretrained(model, tmp_path / "peft").eval()
     out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=0,
                       eos_token_id=1, pad_token_id=0)
     theirs = out[:, 1:]  # drop the decoder start token
     width = min(theirs.shape[1], roll.completion_ids.shape[1])
     ours = roll.completion_ids[:, :width].masked_fill(roll.completion_mask[:, :width] == 0, 0)
     assert torch.equal(ours, theirs[:, :width].masked_fill(roll.completion_mask[:, :width] == 0, 0))
+
+
+# Upstream: with transformers 5.24, PEFT 0.21's own `generate` on a T5 prefix disagrees with PEFT's own forward
+# (T5 with as many encoder as decoder layers: other greedy tokens; fewer encoder layers: IndexError in
+# DynamicCache.update). BART is unaffected, and rlprefix's export still gives PEFT's forward logits exactly on
+# both (test_peft_export_gives_identical_logits), so these two run where PEFT's T5 generate still works.
+PEFT_T5_GENERATE = pytest.mark.skipif(Version(transformers.__version__) >= Version("5.24"),
+                                      reason="PEFT 0.21 T5 prefix generate is broken by transformers 5.24 (upstream)")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=PEFT_T5_GENERATE) for a in ("t5-even", "t5")] + ["bart"])
+def test_peft_generate_matches_greedy_sampling(arch, tok, tmp_path):
+    """"t5": fewer encoder (2) than decoder (3) layers; "t5-even": 3 and 3, like released T5 checkpoints."""
+    check_peft_generate(tiny_model(arch, sharpen=3.0), tok, tmp_path)
 
 
 def test_save_load_and_family_errors(s2s, tmp_path):

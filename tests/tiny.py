@@ -61,8 +61,10 @@ def tiny_config(arch: str, vocab_size: int = 320):
                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=256,
                            bos_token_id=1, eos_token_id=1, pad_token_id=0,
                           initializer_range=0.1)
-    if arch == "t5":  # encoder-decoder, relative position bias; d_kv * heads (24) != d_model (32), 3 decoder layers
-        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=6, d_ff=64, num_layers=2, num_decoder_layers=3,
+    if arch in ("t5", "t5-even"):  # encoder-decoder, relative position bias; d_kv * heads (24) != d_model (32),
+        # 3 decoder layers over 2 encoder layers ("t5-even": 3 and 3, like released T5 checkpoints)
+        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=6, d_ff=64, num_layers=3 if arch == "t5-even" else 2,
+                        num_decoder_layers=3,
                         num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                         decoder_start_token_id=0, initializer_factor=1.0)
     if arch == "bart":  # encoder-decoder, learned positions; 2 decoder layers (PEFT's layout then ties them)
@@ -73,7 +75,7 @@ def tiny_config(arch: str, vocab_size: int = 320):
     raise ValueError(arch)
 
 
-SEQ2SEQ_ARCHS = ("t5", "bart")
+SEQ2SEQ_ARCHS = ("t5", "t5-even", "bart")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 1.0):
@@ -89,7 +91,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 1.0):
         with torch.no_grad():
             if arch == "gpt2":
                 model.transformer.ln_f.weight.mul_(sharpen)  # tied head: scale the final norm instead
-            elif arch == "t5":
+            elif arch.startswith("t5"):
                 model.decoder.final_layer_norm.weight.mul_(sharpen)
             elif arch == "bart":  # post-norm: the last decoder layer's norm is the final one
                 model.model.decoder.layers[-1].final_layer_norm.weight.mul_(sharpen)
