@@ -39,9 +39,10 @@ def rows_table(cols):
 
 
 def demo_body(d) -> str:
+    warm = f" -> {d['reward_after_warm_start']:.3f} (warm start)" if d.get("reward_after_warm_start") else ""
     out = [f"`{d['command']}` (= `rlprefix run configs/sentiment.yaml`), {d['wall_s'] / 60:.1f} min: mean VADER "
-           f"compound on {d['n_eval']} held-out samples **{d['reward_before']:.3f} -> {d['reward_after']:.3f}**, KL "
-           f"to the base model {d['kl_after']:.1f} nats per completion.", ""]
+           f"compound on {d['n_eval']} held-out samples **{d['reward_before']:.3f}{warm} -> {d['reward_after']:.3f}"
+           f"**, KL to the base model {d['kl_after']:.1f} nats per completion.", ""]
     if d.get("ppo_curve"):
         out += ["| completions sampled | PPO batch reward | KL to reference |", "|---|---|---|"]
         out += [f"| {c['completions']} | {c['reward']:.3f} | {c['kl']:.2f} |" for c in d["ppo_curve"]]

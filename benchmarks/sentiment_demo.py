@@ -22,13 +22,18 @@ def main():
     curve = read_metrics(ROOT / cfg.output_dir / "ppo" / "ppo_metrics.jsonl")
     per_k = [{"completions": r["step"] * cfg.ppo.batch_size, "reward": r["reward/mean"], "kl": r["kl"]} for r in curve]
     before, after = summary.get("before", {}), summary.get("after", {})
+    warm = summary.get("after_warm_start", {})
     payload = {"config": "configs/sentiment.yaml", "overrides": sys.argv[1:], "wall_s": wall,
                "reward_before": before.get("reward_mean"), "reward_after": after.get("reward_mean"),
+               "reward_after_warm_start": warm.get("reward_mean"), "kl_after_warm_start": warm.get("kl_to_base"),
+               "reward_se": {k: v.get("reward_se") for k, v in (("before", before), ("after_warm_start", warm),
+                                                                 ("after", after))},
                "kl_after": after.get("kl_to_base"), "n_eval": after.get("n"), "seconds": summary.get("seconds"),
                "warm_start": summary.get("warm_start"), "ppo": summary.get("ppo"), "compression": summary.get("compression"),
                "ppo_curve": per_k, "samples_before": before.get("samples"), "samples_after": after.get("samples")}
     write_result("sentiment_demo", payload)
-    print(f"reward {payload['reward_before']:.3f} -> {payload['reward_after']:.3f} in {wall / 60:.1f} min")
+    print(f"reward {payload['reward_before']:.3f} -> {payload['reward_after_warm_start']} (warm start) -> "
+          f"{payload['reward_after']:.3f} in {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":
