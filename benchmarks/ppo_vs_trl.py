@@ -2,8 +2,8 @@
 
 Same model, prompts (chat-templated), reward (VADER sentiment), completions per step and fixed completion
 length (min_new_tokens = max_new_tokens). rlprefix runs twice: with one gradient step per batch, like TRL
-GRPO's default, and with PPOConfig's default update schedule (several minibatches and epochs per batch). Each method runs in its own process; we report steady-state
-completions per second of a whole training step (generation + scoring + reference + update, first step
+GRPO's default, and with PPOConfig's default update schedule (several minibatches and epochs per batch). Each
+method runs in its own process; we report steady-state completions per second of a whole training step (generation + scoring + reference + update, first step
 excluded) and the process's peak resident memory. TRL runs with gradient checkpointing off (prefix tuning
 crashes with it on) and beta=0.04, so like rlprefix it computes a KL reference (the adapter switched off).
 
@@ -62,7 +62,7 @@ def run_rlprefix(args) -> list[float]:
     times = []
     # "rlprefix": one gradient step per batch, like TRL's GRPO (num_iterations=1); "rlprefix-defaults":
     # PPOConfig's own update schedule (its epochs over minibatches), what a user gets without settings.
-    matched = dict(minibatch_size=args.batch, epochs=1, lr=1e-2) if args.method == "rlprefix" else {}
+    matched = dict(minibatch_size=args.batch, epochs=1) if args.method == "rlprefix" else {}
     cfg = PPOConfig(steps=args.steps, batch_size=args.batch, max_new_tokens=args.tokens,
                     min_new_tokens=args.tokens, progress=False, **matched)
     last = [time.perf_counter()]

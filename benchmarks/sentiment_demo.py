@@ -32,7 +32,7 @@ def main():
                "warm_start": summary.get("warm_start"), "ppo": summary.get("ppo"), "compression": summary.get("compression"),
                "ppo_curve": per_k, "samples_before": before.get("samples"), "samples_after": after.get("samples")}
     write_result("sentiment_demo", payload)
-    print(f"reward {payload['reward_before']:.3f} -> {payload['reward_after_warm_start']} (warm start) -> "
+    print(f"reward {payload['reward_before']:.3f} -> {payload['reward_after_warm_start']:.3f} (warm start) -> "
           f"{payload['reward_after']:.3f} in {wall / 60:.1f} min")
 
 
