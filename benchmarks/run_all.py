@@ -29,11 +29,6 @@ STEPS = [
 ]
 
 
-def load(name):
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def rows_table(cols):
     """Body of a result stored without a ready table: its rows in the given columns."""
     return lambda r: md_table(r["rows"], cols)

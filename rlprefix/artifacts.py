@@ -41,13 +41,11 @@ def check_model_match(manifest: dict, model, where: str) -> None:
     spec = kv_spec(model)
     want = manifest.get("model", {})
     if want.get("fingerprint") != spec.fingerprint():
-        have_s = spec.describe()
-        family = "encoder-decoder" if want.get("encoder_decoder") else "decoder-only"
-        kind = (f"{want.get('model_type')} (encoder-decoder): {want.get('num_layers')} decoder"
-                if want.get("encoder_decoder") else f"{want.get('model_type')}: {want.get('num_layers')}")
-        want_s = (f"{kind} layers x {want.get('num_kv_heads')} kv heads x head_dim {want.get('head_dim')} "
-                  f"(hidden {want.get('hidden_size')}, vocab {want.get('vocab_size')})")
-        why = "" if family == spec.family else f"; a {family} model's prefix cannot steer a {spec.family} model"
+        # the manifest's shape, described as the model's is (a field a damaged manifest lacks reads None)
+        made_for = KVSpec(**{k: want.get(k) for k in KVSpec.__dataclass_fields__})
+        have_s, want_s = spec.describe(), made_for.describe()
+        why = "" if made_for.family == spec.family else \
+            f"; a {made_for.family} model's prefix cannot steer a {spec.family} model"
         raise ModelMismatchError(f"{where} was made for a different model: prefix is for [{want_s}] "
                                  f"but the model is [{have_s}]{why}")
 

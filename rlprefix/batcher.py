@@ -3,7 +3,7 @@
 Requests (whatever their prefix) are split into rows, one per completion, and queued. While rows are decoding,
 every turn of the loop moves waiting rows into the free slots of the running batch, where they join at the next
 decode step (`continuous.RunningBatch`); a row leaves the batch at the step it finishes. When nothing is decoding,
-the thread waits for a row and gathers more for a short window (`wait_s`, up to `max_batch`), so requests that
+the thread waits for a row and gathers more for a short window (`wait_s`, up to the running batch's free slots), so requests that
 arrive together are prefilled together. A row whose client left before it joined is dropped (its future was
 cancelled); one whose client leaves while it decodes has `cancelled` set and leaves at the next turn.
 
@@ -53,7 +53,6 @@ class Batcher:
 
     def __init__(self, running, wait_s: float = 0.005, metrics=None):
         self.running, self.wait_s, self.metrics = running, wait_s, metrics
-        self.max_batch = running.max_rows
         self._queue: queue.Queue[Row | None] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rlprefix-batcher", daemon=True)
@@ -91,6 +90,7 @@ class Batcher:
         return [r for r in rows if r.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
+        joining: list[Row] = []
         while not self._stopping.is_set():
             if self.running.running:  # decoding: waiting rows join at the next step
                 joining = self._take(self.running.free())
@@ -98,16 +98,15 @@ class Batcher:
                 first = self._queue.get()
                 if first is None:
                     break
-                joining = self._take(self.max_batch, first, self.wait_s)
+                joining = self._take(self.running.free(), first, self.wait_s)
                 if not joining:
                     continue
             if self._stopping.is_set():
-                for r in joining:
-                    _fail(r, RuntimeError("the server is shutting down"))
                 break
             self._turn(joining)
+            joining = []
         stopped = RuntimeError("the server is shutting down")
-        for r in self.running.abort():
+        for r in joining + self.running.abort():
             _fail(r, stopped)
 
     def _turn(self, joining: list[Row]) -> None:
@@ -137,10 +136,15 @@ def _post(items: list) -> None:
     for sink, token in items:
         loops.setdefault(sink.loop, []).append((sink, token))
     for loop, pairs in loops.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, pairs)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
+        on_loop(loop, _deliver, pairs)
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Call `fn(*args)` on `loop` from another thread; nothing when the loop is closed (shutting down)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the server is shutting down
+        pass
 
 
 def _deliver(items: list) -> None:

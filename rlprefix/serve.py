@@ -25,9 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import Batcher, Row, RowResult
+from .batcher import Batcher, Row, RowResult, on_loop
 from .continuous import BankCache, RunningBatch
-from .generation import eos_ids
 from .modeling import is_encoder_decoder, load_model
 from .openai_protocol import (APIError, ChatRequest, CompletionRequest, chat_chunk, chat_response,
                               completion_chunk, completion_response, new_id, parse_body, sse, usage, usage_chunk,
@@ -56,14 +55,14 @@ def context_length(model, tok) -> int:
 class Server:
     def __init__(self, model, tok, store: PrefixStore, model_name: str, max_batch: int = 32,
                  wait_s: float = 0.005):
-        if is_encoder_decoder(model):  # the server streams through the engine's on_step, which seq2seq lacks
+        if is_encoder_decoder(model):  # the running batch's slot cache (continuous, slots) is decoder-only
             raise ValueError(f"rlprefix serve supports decoder-only models; {model_name} is an encoder-decoder model")
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
         self.metrics = Metrics()
-        self.eos = set(eos_ids(model, tok))
         self.context = context_length(model, tok)
         self.banks = BankCache(model, metrics=self.metrics)
         self.running = RunningBatch(model, tok, self.banks, max_batch, self.context, self.metrics)
+        self.eos = self.running.eos
         self.batcher = Batcher(self.running, wait_s, self.metrics)
         self._last_scan = 0.0
 
@@ -269,7 +268,7 @@ class Call:
         sink.row = row
         self.rows.append(row)
         self.sinks.append(sink)
-        row.future.add_done_callback(lambda f: _on_loop(sink.loop, sink.complete, f))
+        row.future.add_done_callback(lambda f: on_loop(sink.loop, sink.complete, f))
 
     def done(self) -> bool:
         return all(s.reason is not None or s.error is not None for s in self.sinks)
@@ -296,13 +295,6 @@ class Call:
         if left and client_left:
             self.metrics.inc("rlprefix_rows_cancelled_total", len(left))
             self.metrics.inc("rlprefix_requests_cancelled_total")
-
-
-def _on_loop(loop, fn, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: the server is shutting down
-        pass
 
 
 # ---------------------------------------------------------------- the HTTP app

@@ -25,15 +25,15 @@ from .runtime import model_dtype
 COLUMNS = 64  # capacity granularity
 
 
-def right_aligned(valid: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] source columns that move each row's valid columns (in order) to the right end of `width`
-    columns; the columns before them point at column 0 (they stay masked)."""
+def right_aligned(valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moving each row's valid columns (in order) to the right end of `width` columns: [B, width] source columns
+    (the columns before them point at column 0) and [B, width] the mask of the columns valid after the move."""
     rows, cols = valid.shape
     count = valid.sum(1, keepdim=True)
     dest = torch.where(valid, valid.long().cumsum(1) - 1 + (width - count), width)  # invalid ones: a scratch column
     index = torch.zeros(rows, width + 1, dtype=torch.long, device=valid.device)
     index.scatter_(1, dest, torch.arange(cols, device=valid.device).expand(rows, cols))
-    return index[:, :width]
+    return index[:, :width], torch.arange(width, device=valid.device) >= width - count
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -77,14 +77,13 @@ class SlotCache:
     def _pack(self) -> None:
         """Move each row's valid columns to the right end of as few columns as the fullest row needs."""
         n, w = self.n, self.w
-        count = self.valid[:n, :w].sum(1)
-        width = int(count.max()) if n else 0
-        index = right_aligned(self.valid[:n, :w], width)
+        width = int(self.valid[:n, :w].sum(1).max()) if n else 0
+        index, placed = right_aligned(self.valid[:n, :w], width)
         for k, v in zip(self.keys, self.values):
             k[:n, :, :width] = _gather(k[:n, :, :w], index)
             v[:n, :, :width] = _gather(v[:n, :, :w], index)
         self.valid[:n] = False
-        self.valid[:n, :width] = torch.arange(width, device=count.device) >= width - count.unsqueeze(1)
+        self.valid[:n, :width] = placed
         self.w = width
 
     def _fit(self, need: int) -> None:
@@ -110,13 +109,13 @@ class SlotCache:
             raise ValueError(f"{k} rows do not fit: {self.n} of {self.rows} slots are in use")
         width = int(valid.sum(1).max())
         self._fit(width)
-        index = right_aligned(valid, width)
+        index, placed = right_aligned(valid, width)
         at, cols = slice(self.n, self.n + k), slice(self.w - width, self.w)
         for layer, keys, values in zip(cache.layers, self.keys, self.values):
             keys[at, :, cols] = _gather(layer.keys, index)
             values[at, :, cols] = _gather(layer.values, index)
         self.valid[at] = False
-        self.valid[at, cols] = torch.arange(width, device=valid.device) >= width - valid.sum(1, keepdim=True)
+        self.valid[at, cols] = placed
         self.n += k
 
     def remove(self, slots: list[int]) -> list[int]:

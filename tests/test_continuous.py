@@ -85,8 +85,9 @@ def test_cancelled_rows_leave_and_too_long_rows_fail():
 
 def test_right_aligned_moves_valid_columns_in_order():
     valid = torch.tensor([[True, False, True, False], [False, False, False, True], [True, True, True, True]])
-    index = right_aligned(valid, 5)
+    index, placed = right_aligned(valid, 5)
     assert index[0, 3:].tolist() == [0, 2] and index[1, 4:].tolist() == [3] and index[2, 1:].tolist() == [0, 1, 2, 3]
+    assert placed.sum(1).tolist() == [2, 1, 4] and placed[0, 3:].all() and placed[2, 1:].all() and not placed[2, 0]
 
 
 class _Gated:
