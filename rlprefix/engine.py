@@ -31,9 +31,10 @@ import torch
 from transformers import StaticCache
 
 from . import seq2seq, sharding
-from .generation import Rollout, encode_prompts, eos_ids, filter_logits
+from .generation import Rollout, encode_prompts, filter_logits
 from .dynamic_prefix import is_input_conditioned
 from .modeling import is_encoder_decoder, kv_spec
+from .primitives import stop_and_pad
 from .runtime import distinct_rows, model_dtype, position_ids, prefix_kv
 
 M32 = 0xFFFFFFFF
@@ -297,6 +298,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     tensors, one per output row; finished rows hold the pad token and 0); it may return a bool tensor or list [B/k]
     of rows to finish now (cancelled: no more tokens, mask 0 from step t + 1). See `StepHook`.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     if is_encoder_decoder(model):  # the reference loop, one batch per prefix (rlprefix.seq2seq)
         if on_step is not None:
             raise ValueError("on_step (streaming, cancelling) is not supported on encoder-decoder models")
@@ -305,8 +308,6 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                               temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
                               generator=generator, row_seeds=row_seeds, decode=decode, return_hidden=return_hidden,
                               groups=groups, force_tokens=force_tokens)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"the engine passes its own 4D attention mask, which needs attn_implementation 'sdpa' or "
@@ -337,8 +338,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     key_valid, pos, logits, h = open_rows(model, prompt_ids, prompt_mask, bank, index, cache, total, return_hidden)
     step_fn = compiled_step(model) if compile else model_step
 
-    stop = torch.tensor(eos_ids(model, tokenizer), device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+    stop, pad = stop_and_pad(model, tokenizer, device)
     tokens = torch.full((out_rows, max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(out_rows, max_new_tokens, device=device)
     alive = torch.zeros(out_rows, max_new_tokens, dtype=torch.long, device=device)

@@ -10,13 +10,14 @@ import torch
 
 from . import seq2seq, sharding
 from .modeling import is_encoder_decoder
-from .primitives import DecodeRecord, Rollout, eos_ids, filter_logits, logprobs_of, next_tokens, prefix_kv, row_generators
+from .primitives import (DecodeRecord, Rollout, eos_ids, filter_logits, logprobs_of, next_tokens, prefix_kv,
+                         row_generators, stop_and_pad)
 from .runtime import build_cache, position_ids
 
-# Rollout, eos_ids, filter_logits, row_generators and next_tokens are defined in rlprefix.primitives (shared with
-# rlprefix.seq2seq) and are part of this module's interface as before
-__all__ = ["Rollout", "render_prompts", "encode_prompts", "chat_used", "eos_ids", "filter_logits", "row_generators",
-           "next_tokens", "sample", "generate"]
+# Rollout, eos_ids and filter_logits are defined in rlprefix.primitives (shared with rlprefix.seq2seq) and are
+# part of this module's interface as before
+__all__ = ["Rollout", "render_prompts", "encode_prompts", "chat_used", "eos_ids", "filter_logits", "sample",
+           "generate"]
 
 
 def render_prompts(tokenizer, prompts: list[str], chat: bool | None = None, system: str | None = None) -> list[str]:
@@ -60,13 +61,13 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     Randomness comes from `generator`, or, with `row_seeds`, from one generator per row: then each row's
     sample depends only on its own seed, not on which other rows share the batch (or the process).
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     if is_encoder_decoder(model):
         return seq2seq.sample(model, tokenizer, prompt_ids, prompt_mask, prefix, max_new_tokens=max_new_tokens,
                               min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               do_sample=do_sample, generator=generator, kv=kv, decode=decode,
                               return_hidden=return_hidden, row_seeds=row_seeds)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     device = model.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     batch = prompt_ids.shape[0]
@@ -74,8 +75,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         kv = prefix_kv(model, prefix)
     length = 0 if kv is None else kv.shape[2]
     cache = build_cache(model, kv, batch)
-    stop = torch.tensor(eos_ids(model, tokenizer), device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+    stop, pad = stop_and_pad(model, tokenizer, device)
 
     attn = torch.cat([prompt_mask.new_ones(batch, length), prompt_mask], dim=1)
     pos = position_ids(prompt_mask, length)

@@ -216,7 +216,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     path = resolve_model_path(name_or_path)
     if dist.world_size > 1 and dist.is_main:
         dist.barrier()
-    seq2seq = is_encoder_decoder(AutoConfig.from_pretrained(path))  # T5, BART, ...: see rlprefix.seq2seq
+    config = AutoConfig.from_pretrained(path)
+    seq2seq = is_encoder_decoder(config)  # T5, BART, ...: see rlprefix.seq2seq
     if fsdp and seq2seq:
         raise ValueError(f"distributed 'fsdp' supports decoder-only models; {name_or_path} is an encoder-decoder "
                          f"model (use 'replicate')")
@@ -224,7 +225,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
     else:
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
+        model = auto.from_pretrained(path, config=config, dtype=resolve_dtype(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path
     return freeze(model), prepare_tokenizer(tokenizer)

@@ -119,6 +119,12 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def stop_and_pad(model, tokenizer, device) -> tuple[torch.Tensor, int]:
+    """The decode loops' end-of-sequence ids (a device tensor) and the token that fills finished rows."""
+    stop = torch.tensor(eos_ids(model, tokenizer), device=device)
+    return stop, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k then nucleus filtering (masked logits set to -inf)."""
     if top_k and top_k < logits.shape[-1]:

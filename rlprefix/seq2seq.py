@@ -202,17 +202,15 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, kv, row_seeds, decode, *,
             min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             do_sample: bool = True, generator: torch.Generator | None = None, return_hidden: bool = False,
             force_tokens: torch.Tensor | None = None) -> Rollout:
-    """The reference loop: run the encoder once, then the decoder one token at a time against the prefix cache."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    """The reference loop: run the encoder once, then the decoder one token at a time against the prefix cache.
+    (`temperature` > 0 is checked by the callers, generation.sample and engine.sample.)"""
     device = model.device
     ids, mask = right_padded(prompt_ids.to(device), prompt_mask.to(device))
     batch = ids.shape[0]
     length = 0 if kv is None else kv.shape[2]
     encoded, _ = encode(model, ids, mask)
     cache = build_cache(model, kv, batch)
-    stop = torch.tensor(primitives.eos_ids(model, tokenizer), device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+    stop, pad = primitives.stop_and_pad(model, tokenizer, device)
     row_gens = primitives.row_generators(row_seeds, batch)
     if force_tokens is not None:
         max_new_tokens = min(max_new_tokens, force_tokens.shape[1])
