@@ -21,7 +21,19 @@ quickstart: $(BIN)/rlprefix
 test: $(BIN)/rlprefix
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# the oldest stack the project declares (.ci/constraints-oldest.txt), the fast suite (no real-model tests)
+OLD ?= .venv-oldest
+$(OLD)/bin/rlprefix: pyproject.toml .ci/constraints-oldest.txt
+	$(PY) -m venv $(OLD)
+	$(OLD)/bin/pip install -q --upgrade pip
+	$(OLD)/bin/pip install -q "torch==2.13.0"
+	$(OLD)/bin/pip install -q -c .ci/constraints-oldest.txt -e ".[test]"
+	touch $(OLD)/bin/rlprefix
+
+test-oldest: $(OLD)/bin/rlprefix
+	HF_HUB_OFFLINE=1 $(OLD)/bin/python -m pytest -q -m "not real_model"
+
 bench: $(BIN)/rlprefix
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test test-oldest bench

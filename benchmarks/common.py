@@ -31,7 +31,7 @@ def machine() -> dict:
 
 
 def write_result(name: str, payload: dict) -> Path:
-    from rlprefix.io import atomic_write_json  # here: a TRL child process must not load rlprefix (its RSS)
+    from rlprefix.files import atomic_write_json  # here: a TRL child process must not load rlprefix (its RSS)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

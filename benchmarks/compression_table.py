@@ -11,11 +11,12 @@ import argparse
 from pathlib import Path
 
 import torch
+import yaml
 
 from common import ROOT, md_table, write_result
 from rewards import build_reward
 from rlprefix import Prefix, compress, evaluate_reward, load_model, load_prefix
-from rlprefix.stages.compress import next_token_kl
+from rlprefix.train.compress import next_token_kl
 
 
 def main():

@@ -25,7 +25,7 @@ def worker(args):
 
     from rewards import build_reward
     from rlprefix import PPOConfig, Prefix, load_model, ppo
-    from rlprefix.distributed import Dist
+    from rlprefix.distributed.groups import Dist
 
     torch.set_num_threads(args.threads)
     dist = Dist.from_env()

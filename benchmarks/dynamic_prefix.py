@@ -25,9 +25,9 @@ import torch
 
 from common import md_table, write_result
 from rlprefix import Prefix, load_model
-from rlprefix.data import load_records, tokenize_sft
-from rlprefix.generation import encode_prompts
-from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, warm_start
+from rlprefix.train.data import load_records, tokenize_sft
+from rlprefix.decoding.prompts import encode_prompts
+from rlprefix.train.warm_start import WarmStartConfig, evaluate_loss, warm_start
 
 ADJ = ["quiet", "green", "small", "bright", "old", "cold", "happy", "heavy", "soft", "quick", "dark", "sweet",
        "tall", "empty", "warm", "round"]

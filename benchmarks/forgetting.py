@@ -15,7 +15,7 @@ import torch
 
 from common import ROOT, md_table, write_result
 from rlprefix import Prefix, load_model
-from rlprefix.stages.warm_start import WarmStartConfig, warm_start
+from rlprefix.train.warm_start import WarmStartConfig, warm_start
 
 INIT_TEXT = "Write a warm, friendly and positive reply."
 

@@ -47,9 +47,10 @@ def worker(args):
 
     from rewards import build_reward
     from rlprefix import PPOConfig, Prefix, ppo
-    from rlprefix.distributed import Dist, DistributedConfig
-    from rlprefix.modeling import load_model
-    from rlprefix.sharding import count_all_gathers, is_sharded, local_parameter_bytes
+    from rlprefix.distributed.groups import Dist, DistributedConfig
+    from rlprefix.models.loading import load_model
+    from rlprefix.distributed.fsdp import count_all_gathers
+    from rlprefix.distributed.collectives import is_sharded, local_parameter_bytes
 
     torch.set_num_threads(args.threads)
     if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) == 1:

@@ -19,7 +19,10 @@ Methods, each trained on the same number of sampled completions (--budget) with 
 
 Evaluator (the same for every method): the trained adapter as a PEFT adapter (rlprefix via `export_peft`),
 loaded with `PeftModel.from_pretrained`, sampled with transformers' `generate` at T=1 (top_k=0) with fixed
-seeds on the held-out prompts; reward gain over the bare model sampled the same way, KL to the bare model on
+seeds on the held-out prompts. A prefix-tuning adapter is sampled through transformers' own `generate` with its
+K/V in the cache (`rlprefix.generate_kwargs`): PEFT 0.21's `generate` ignores prefix adapters on transformers
+>= 5.24 (docs/compatibility.md). Before scoring, the evaluator checks that the adapter reaches `generate` (first-step
+logits differ from the bare model's beyond float noise) and refuses to score one that does not; reward gain over the bare model sampled the same way, KL to the bare model on
 the sampled tokens, wall-clock training time. Each (task, method, lr, seed) runs in its own process and is
 stored in benchmarks/results/learning_vs_trl.json as it finishes, so the benchmark can be run in parts:
 
@@ -154,29 +157,60 @@ def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str) -> dict
 
 
 # ---- the independent evaluator -------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, tok, reward, task: str, adapter_dir: Path | None, tokens: int, samples: int = 4) -> dict:
-    """PEFT adapter (or none) + transformers generate at T=1, fixed seeds; reward and KL to the bare model."""
+NOISE = 1e-4  # first-step logits within this of the bare model's: the adapter does not reach generate
+
+
+def adapter_sampler(model, adapter_dir: Path | None):
+    """(generate(enc, **kw) -> (full sequences, prompt width), the PEFT model or None). A prefix-tuning adapter goes
+    through transformers' generate with its K/V in the cache; any other adapter through `PeftModel.generate`."""
     from peft import PeftModel
 
+    from rlprefix import generate_kwargs
+    from rlprefix.prefixes.peft import load_peft_kv
+
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir)) if adapter_dir else None
-    gen = peft_model or model
+    is_prefix = adapter_dir is not None and json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "peft_type") == "PREFIX_TUNING"
+    kv = load_peft_kv(adapter_dir, model) if is_prefix else None
+
+    def generate(enc, **kw):
+        if kv is None:
+            return (peft_model or model).generate(**enc, **kw), enc["input_ids"].shape[1]
+        gkw = generate_kwargs(kv, model, enc["input_ids"], enc["attention_mask"])  # PEFT leaves `model` as it was
+        return model.generate(**gkw, **kw), gkw["input_ids"].shape[1]
+    return generate, peft_model
+
+
+@torch.no_grad()
+def evaluate(model, tok, reward, task: str, adapter_dir: Path | None, tokens: int, samples: int = 4) -> dict:
+    """The adapter (or none) + transformers generate at T=1, fixed seeds; reward and KL to the bare model."""
     held = prompts(task, "heldout")
-    rewards, kls = [], []
     tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in held]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    bare_logits = model.generate(**enc, do_sample=False, max_new_tokens=1, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id).logits[0]
+    generate, peft_model = adapter_sampler(model, adapter_dir)
+    change = None
+    if adapter_dir is not None:
+        first = generate(enc, do_sample=False, max_new_tokens=1, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id)[0].logits[0]
+        change = float((first - bare_logits).abs().max())
+        if change < NOISE:
+            raise SystemExit(f"evaluator: the adapter in {adapter_dir} changes nothing in generate (first-step "
+                             f"logits within {change:.1e} of the bare model's); refusing to score it")
+    rewards, kls = [], []
     for s in range(samples):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in held]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(1000 + s)
-        out = gen.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
-                           pad_token_id=tok.pad_token_id, output_scores=False, return_dict_in_generate=True)
-        seq = out.sequences
-        comp = seq[:, enc["input_ids"].shape[1]:]
+        out, width = generate(enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                              pad_token_id=tok.pad_token_id, output_scores=False, return_dict_in_generate=True)
+        comp = out.sequences[:, width:]
+        seq = torch.cat([enc["input_ids"], comp], 1)
         completions = tok.batch_decode(comp, skip_special_tokens=True)
         values = reward(prompts=held, completions=completions)
         rewards += [float(v) for v in values if v is not None and math.isfinite(float(v))]
-        if peft_model is not None:  # KL(policy || base) on the sampled tokens
+        if peft_model is not None:  # KL(policy || base) on the sampled tokens (PEFT's forward applies any adapter)
             attn = (seq != tok.pad_token_id).long()
             attn[:, :enc["input_ids"].shape[1]] = enc["attention_mask"]
             cmask = attn[:, enc["input_ids"].shape[1]:].float()
@@ -195,7 +229,7 @@ def evaluate(model, tok, reward, task: str, adapter_dir: Path | None, tokens: in
     mean = sum(rewards) / n
     sd = (sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1)) ** 0.5
     return {"reward": mean, "reward_se": sd / n ** 0.5, "n": n, "kl": sum(kls) / len(kls) if kls else 0.0,
-            "example": completions[0]}
+            "first_step_logit_change": change, "example": completions[0]}
 
 
 def child(args) -> None:

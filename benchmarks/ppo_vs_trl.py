@@ -42,7 +42,7 @@ def load(args):
     if args.model_shape:
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        from rlprefix.modeling import freeze
+        from rlprefix.models.loading import freeze
 
         _, tok = load_model()  # tokenizer of the default model
         torch.manual_seed(0)
@@ -83,7 +83,7 @@ def run_trl(args, adapter: str) -> list[float]:
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards import build_reward
-    from rlprefix.data import load_records
+    from rlprefix.train.data import load_records
 
     model, tok = load(args)
     model.requires_grad_(False)

@@ -17,8 +17,8 @@ import torch
 
 from common import ROOT, md_table, write_result
 from rlprefix import Prefix, load_model
-from rlprefix.data import load_records, tokenize_sft
-from rlprefix.stages.warm_start import WarmStartConfig, evaluate_loss, split_dataset, warm_start
+from rlprefix.train.data import load_records, tokenize_sft
+from rlprefix.train.warm_start import WarmStartConfig, evaluate_loss, split_dataset, warm_start
 
 KINDS = ("kv", "mlp", "shared")
 INIT_TEXT = "Write a warm, friendly and positive reply."

@@ -16,8 +16,11 @@ import torch
 from transformers import CompileConfig
 
 from common import md_table, write_result
-from rlprefix import Prefix, engine, generation, load_model
-from rlprefix.generation import encode_prompts
+from rlprefix import Prefix, load_model
+from rlprefix.decoding import engine
+from rlprefix.decoding.bank import PrefixBank
+from rlprefix.models import reference_sample
+from rlprefix.decoding.prompts import encode_prompts
 
 TOPICS = ["a coffee shop", "a motel", "a bicycle", "a museum", "a pizza", "a laptop", "a park", "a train ride",
           "a concert", "a bakery", "a hiking trail", "a phone", "a library", "a beach", "a cinema", "a gym"]
@@ -69,9 +72,9 @@ def part_a(model, tok, prefix, args) -> list[dict]:
     seeds = list(range(len(prompts)))
     runs = {
         "engine, prefix": lambda: engine.sample(model, tok, ids, mask, prefix, row_seeds=seeds, **kw),
-        "reference loop, prefix": lambda: generation.sample(model, tok, ids, mask, prefix, row_seeds=seeds, **kw),
+        "reference loop, prefix": lambda: reference_sample(model, tok, ids, mask, prefix, row_seeds=seeds, **kw),
         "engine, no prefix": lambda: engine.sample(model, tok, ids, mask, row_seeds=seeds, **kw),
-        "reference loop, no prefix": lambda: generation.sample(model, tok, ids, mask, row_seeds=seeds, **kw),
+        "reference loop, no prefix": lambda: reference_sample(model, tok, ids, mask, row_seeds=seeds, **kw),
         "transformers generate (dynamic cache), no prefix": lambda: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=n, min_new_tokens=n,
             pad_token_id=tok.pad_token_id),
@@ -92,7 +95,7 @@ def part_c(model, tok, prefixes, args) -> list[dict]:
     k, per = len(prefixes), args.mixed_rows // len(prefixes)
     prompts = [f"Write a one-sentence review of {t}." for t in (TOPICS * 8)[:per * k]]
     ids, mask = encode_prompts(tok, prompts)
-    bank = engine.PrefixBank(model, {s: p for s, p in zip(STYLES, prefixes)})
+    bank = PrefixBank(model, {s: p for s, p in zip(STYLES, prefixes)})
     index = torch.arange(k).repeat_interleave(per)
     n = args.mixed_tokens
     kw = dict(max_new_tokens=n, min_new_tokens=n, temperature=1.0)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from common import RESULTS, ROOT, md_table
-from rlprefix.io import atomic_write_text
+from rlprefix.files import atomic_write_text
 
 STEPS = [
     ["benchmarks/warmstart_vs_peft.py"],

@@ -10,8 +10,8 @@ import time
 
 from common import ROOT, write_result
 from rlprefix.config import load_config
-from rlprefix.metrics import read_metrics
-from rlprefix.pipeline import run
+from rlprefix.train.metrics import read_metrics
+from rlprefix.recipe import run
 
 
 def main():

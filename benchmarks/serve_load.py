@@ -134,7 +134,7 @@ def main() -> None:
                                    "prefixes": len(names), "prefix_length": args.prefix_length, "rows": rows,
                                    "server_batch_metrics": batch_lines,
                                    "load_average_after": os.getloadavg(),
-                                   "decode": "rlprefix.continuous.RunningBatch: continuous batching, rows of "
+                                   "decode": "rlprefix.serve.continuous.RunningBatch: continuous batching, rows of "
                                              "any prefix and sampling setting join the running batch at the "
                                              "next decode step"})
     print(f"wrote {path}")

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from common import ROOT, md_table, write_result
 from rlprefix import Prefix, load_model
-from rlprefix.data import collate_sft, load_records, tokenize_sft
-from rlprefix.schedule import lr_at
-from rlprefix.stages.warm_start import WarmStartConfig, _epoch_order, split_dataset, warm_start
+from rlprefix.train.data import collate_sft, load_records, tokenize_sft
+from rlprefix.train.schedule import lr_at
+from rlprefix.train.warm_start import WarmStartConfig, _epoch_order, split_dataset, warm_start
 
 
 def peft_run(model, tok, train, evals, cfg: WarmStartConfig, length: int, hidden: int) -> dict:

@@ -9,8 +9,8 @@ Runs on CPU in about two minutes (measured with the RL defaults: mean reward 0.4
 import torch
 
 import rlprefix
-from rlprefix.evaluate import evaluate_reward
-from rlprefix.stages.ppo import PPOConfig
+from rlprefix.train.evaluate import evaluate_reward
+from rlprefix.train.ppo import PPOConfig
 
 
 def season_reward(prompts, completions, season, **kw):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 import rlprefix
-from rlprefix.runtime import forward
+from rlprefix.models.decoder_only import forward
 
 
 def main(run_dir: str = "runs/quickstart"):

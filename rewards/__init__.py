@@ -5,7 +5,7 @@ so every reward here can be handed to `trl.GRPOTrainer(reward_funcs=...)` unchan
 
 Build rewards by name (`build_reward("sentiment")`), by dotted path (`"my_pkg.mod:my_reward"`), or pass
 any callable. `composite` makes weighted sums; `check_values` is the contract every reward meets. The hygiene
-the training loops add (NaN/exception handling, clipping, running normalisation) is `rlprefix.scorer.Scorer`:
+the training loops add (NaN/exception handling, clipping, running normalisation) is `rlprefix.train.scorer.Scorer`:
 this package does not import rlprefix.
 """
 from __future__ import annotations

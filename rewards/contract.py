@@ -1,7 +1,7 @@
 """The reward contract: a reward returns one number (or None, TRL's "does not apply here") per completion.
 
 `check_values` enforces it and names the reward when it is broken. The hygiene the training loops add on top
-(exceptions and NaN/inf, clipping, running normalisation) is `rlprefix.scorer.Scorer`."""
+(exceptions and NaN/inf, clipping, running normalisation) is `rlprefix.train.scorer.Scorer`."""
 from __future__ import annotations
 
 import numbers

@@ -1,8 +1,9 @@
 """The `rlprefix` command: run a config, or generate / eval / compress / export / inspect a saved prefix.
 
 Each subcommand imports what it uses inside its function, unlike every other module here, so that `rlprefix --help`,
-a usage error or `rlprefix info` answer without loading the pipeline, the rewards or the serving stack (fastapi,
-uvicorn); the rlprefix package itself (torch, transformers) is imported either way.
+a usage error or `rlprefix info` answer without loading the recipe, the rewards or the serving stack (fastapi,
+uvicorn); the rlprefix package itself (torch, transformers) is imported either way, and with it the settings classes
+the parser reads its defaults from (imported at the top).
 """
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
+
+from rlprefix.config import EXPORT_FORMATS, ModelSection, PPOSection, RunConfig, reference
+from rlprefix.models.loading import DEFAULT_MODEL
+from rlprefix.prefixes.lowrank import UNRECORDED_DTYPE, CompressConfig, anchor_mode
+from rlprefix.settings import (ConfigError, ServeSettings, check_of, check_value, choices_of, default_of, help_of,
+                               type_hints)
 
 EPILOG = """examples:
   rlprefix run configs/quickstart.yaml
@@ -29,14 +37,11 @@ class _RunHelp(argparse.RawDescriptionHelpFormatter):
     """`rlprefix run --help` ends with every config section and key, from the settings' own metadata."""
 
     def format_help(self) -> str:
-        from .config import reference  # imports torch: only when this help is shown
-
         return super().format_help() + "\nconfig keys (key: default  # help [allowed]):\n" + reference() + "\n"
 
 
 def _model_for(prefix_dir: str, explicit: str | None) -> str:
-    from .artifacts import read_manifest
-    from .modeling import DEFAULT_MODEL
+    from rlprefix.prefixes.artifacts import read_manifest
 
     if explicit:
         return explicit
@@ -46,7 +51,7 @@ def _model_for(prefix_dir: str, explicit: str | None) -> str:
 
 
 def _options(pairs: list[str]) -> dict:
-    from .config import parse_value
+    from rlprefix.config import parse_value
 
     out = {}
     for p in pairs or []:
@@ -58,8 +63,8 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
-    from .pipeline import run
+    from rlprefix.config import load_config
+    from rlprefix.recipe import run
 
     cfg = load_config(args.config, args.overrides)
     run(cfg)
@@ -67,8 +72,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .config import load_config
-    from .sweep import check_lengths, sweep_lengths
+    from rlprefix.config import load_config
+    from rlprefix.sweep import check_lengths, sweep_lengths
 
     lengths = check_lengths(args.lengths, "--lengths")  # before the config and the model are loaded
     cfg = load_config(args.config, args.overrides)
@@ -82,11 +87,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .engine import generate
-    from .artifacts import load_prefix
-    from .modeling import load_model
+    from rlprefix.decoding.engine import generate
+    from rlprefix.prefixes.artifacts import load_prefix
+    from rlprefix.models.loading import load_model
 
-    model_name = _model_for(args.prefix, args.model) if args.prefix else (args.model or "smollm2-135m-instruct")
+    model_name = _model_for(args.prefix, args.model) if args.prefix else (args.model or DEFAULT_MODEL)
     model, tok = load_model(model_name, args.dtype, args.device)
     prefix = load_prefix(args.prefix, model) if args.prefix else None
     prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
@@ -100,9 +105,9 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from rewards import build_reward
 
-    from .evaluate import evaluate_reward
-    from .artifacts import load_prefix
-    from .modeling import load_model
+    from rlprefix.train.evaluate import evaluate_reward
+    from rlprefix.prefixes.artifacts import load_prefix
+    from rlprefix.models.loading import load_model
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
@@ -118,41 +123,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .lowrank import compress
-    from .stages.compress import compress_to_budget, fidelity_report
-    from .artifacts import load_prefix
-    from .io import check_artifact_target
-    from .modeling import load_model
+    from rlprefix.train.compress import compress_and_measure
+    from rlprefix.prefixes.artifacts import load_prefix
+    from rlprefix.files import check_artifact_target
+    from rlprefix.models.loading import load_model
 
-    check_artifact_target(args.out, args.force)  # before the work, not after it
+    if args.max_kl is not None and not args.prompts:  # before the work, not after it
+        raise ValueError("--max-kl needs --prompts to measure KL on")
+    check_artifact_target(args.out, args.force)
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
-    anchor = False if args.no_anchor else "auto"
-    if args.max_kl is not None:
-        if not args.prompts:
-            raise ValueError("--max-kl needs --prompts to measure KL on")
-        comp, trail = compress_to_budget(model, tok, prefix, args.prompts, args.max_kl, args.scope, anchor=anchor,
-                                         dtype=args.dtype_store)
-    else:
-        comp = compress(prefix, rank=args.rank, energy=args.energy, scope=args.scope, model=model, anchor=anchor,
-                        dtype=args.dtype_store)
-        trail = []
+    comp, report = compress_and_measure(model, tok, prefix, args.prompts, rank=args.rank, energy=args.energy,
+                                        max_kl=args.max_kl, scope=args.scope, anchor=anchor_mode(not args.no_anchor),
+                                        dtype=args.dtype_store)
     meta = dict(getattr(prefix, "manifest", {}).get("provenance", {}))
-    report = {"ranks": comp.ranks, "compression_ratio": comp.compression_ratio(), "bytes": comp.nbytes(),
-              "ranks_tried": trail}
-    if args.prompts:
-        report.update(fidelity_report(model, tok, prefix, comp, args.prompts))
     comp.save(args.out, {**meta, "compressed_from": str(args.prefix), "fidelity": report}, overwrite=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "relative_error_per_layer"}, indent=2))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .artifacts import load_prefix
-    from .io import check_artifact_target
-    from .modeling import load_model
-    from .peft_export import export_peft
+    from rlprefix.prefixes.artifacts import load_prefix
+    from rlprefix.files import check_artifact_target
+    from rlprefix.models.loading import load_model
+    from rlprefix.prefixes.peft import export_peft
 
     check_artifact_target(args.out, args.force)
     model, _ = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
@@ -167,7 +162,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .artifacts import read_manifest
+    from rlprefix.prefixes.artifacts import read_manifest
 
     manifest = read_manifest(args.dir)
     if args.json:
@@ -186,9 +181,10 @@ def cmd_info(args) -> int:
     if "ranks" in cfg:
         full = m["num_layers"] * 2 * manifest["length"] * m["num_kv_heads"] * m["head_dim"]
         n = sum(r * (rows + cols) for rows, r, cols in cfg["shapes"])
-        size = {"float32": 4}.get(cfg.get("dtype", "float32"), 2)
+        dtype = cfg.get("dtype", UNRECORDED_DTYPE)
+        size = {"float32": 4}.get(dtype, 2)
         anchor = f", anchored on {len(cfg['anchor_ids'])} token ids" if cfg.get("anchor_ids") else ""
-        print(f"  low rank ({cfg['scope']}{anchor}): ranks {sorted(set(cfg['ranks']))}, {n} {cfg.get('dtype', 'float32')}"
+        print(f"  low rank ({cfg['scope']}{anchor}): ranks {sorted(set(cfg['ranks']))}, {n} {dtype}"
               f" parameters vs {full} float32 ({full * 4 / max(n * size, 1):.1f}x smaller)")
     prov = manifest.get("provenance", {})
     if prov:
@@ -204,42 +200,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve_main
+    from rlprefix.serve.app import serve_main
 
     return serve_main(args)
 
 
-def add_serve_parser(sub, model_args) -> None:
-    s = sub.add_parser("serve", help="serve every prefix under a directory on one model (OpenAI-compatible HTTP)",
-                       description="One frozen model, many prefixes: each artifact directory under --prefixes "
-                                   "(full, compressed or a PEFT prefix-tuning adapter) is served under its name, "
-                                   "the bare model as 'base'; select one with the request's 'model' field.")
-    s.add_argument("--prefixes", required=True, help="directory whose subdirectories are prefix artifacts")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=_positive_int, default=32,
-                   help="most rows (completions) in the running batch; more wait for a free slot")
-    s.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
-                   help="when nothing is decoding, how long to gather arriving rows to prefill together")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    model_args(s)
-    s.set_defaults(func=cmd_serve)
+# ---- the parser: one function per subcommand; an option that restates a setting reads its default, choices, check
+# and help from the setting's one definition (rlprefix.settings / rlprefix.config / CompressConfig, DEFAULT_MODEL) --
+def _setting_type(cls, name: str):
+    """An argparse `type` that converts and checks a value as setting `name` of `cls` is checked (from YAML or
+    Python), so the command line allows exactly what the setting allows."""
+    tp = type_hints(cls)[name]
+    convert = float if float in (tp, *typing.get_args(tp)) else int
+
+    def parse(text: str):
+        try:
+            return check_value("", convert(text), tp, check_of(cls, name))
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
+    return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
-                                "warm start, PPO, low-rank compression and export.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"rlprefix {__import__('rlprefix').__version__}")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
+def _setting_option(parser, flag: str, cls, name: str, **kw) -> None:
+    """`flag` for setting `name` of `cls`: its default, its check and (unless given) its help."""
+    parser.add_argument(flag, type=_setting_type(cls, name), default=default_of(cls, name),
+                        help=kw.pop("help", help_of(cls, name)), **kw)
 
-    def model_args(sp, prefix_required=True):
-        sp.add_argument("--model", help="base model (alias, hub id, dir or .gguf); default: the one the prefix "
-                                        "was trained on, else smollm2-135m-instruct")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        sp.add_argument("--device", default="cpu")
 
+def add_model_args(sp) -> None:
+    sp.add_argument("--model", help=f"base model (alias, hub id, dir or .gguf); default: the one the prefix was "
+                                    f"trained on, else {DEFAULT_MODEL}")
+    sp.add_argument("--dtype", default=default_of(ModelSection, "dtype"), choices=choices_of(ModelSection, "dtype"),
+                    help=help_of(ModelSection, "dtype"))
+    sp.add_argument("--device", default="cpu")
+
+
+def add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="run a YAML config: warm start -> PPO -> compress -> export",
                        description="Run every enabled stage of a config into its output_dir. Rerunning resumes: "
                                    "finished stages are skipped, an interrupted one continues from its checkpoint.",
@@ -248,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.steps=50 reward.name=sentiment")
     r.set_defaults(func=cmd_run)
 
+
+def add_sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="choose the prefix length: a short warm start per length, lowest validation "
                                      "perplexity wins",
                        description="For each of --lengths, run the config's warm start (prefix.length overridden, "
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="output directory (default: OUTPUT_DIR/length_sweep)")
     w.set_defaults(func=cmd_sweep)
 
+
+def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="sample completions with a saved prefix (or none)")
     g.add_argument("--prefix", help="prefix directory (manifest.json + prefix.safetensors)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per line on stdin")
@@ -270,29 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="one JSON object per line")
-    model_args(g)
+    add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
+
+def add_eval_parser(sub) -> None:
+    """Measured as the run's held-out evaluation is by default: its samples per prompt, tokens per completion,
+    reward-error policy and reward."""
     e = sub.add_parser("eval", help="mean reward of a prefix vs the base model on a prompt set")
     e.add_argument("--prefix", required=True)
     e.add_argument("--prompts", required=True, help="file with a 'prompt' column (JSONL/CSV/Parquet)")
-    e.add_argument("--reward", default="sentiment", help="built-in name or package.module:function")
+    e.add_argument("--reward", default=default_of(RunConfig, "reward")["name"],
+                   help="built-in name or package.module:function")
     e.add_argument("--reward-option", action="append", help="key=value option for the reward (repeatable)")
-    e.add_argument("--samples", type=_positive_int, default=2, help="samples per prompt (>= 1)")
-    e.add_argument("--on-reward-error", choices=["raise", "penalty"], default="raise",
+    _setting_option(e, "--samples", PPOSection, "eval_samples_per_prompt")
+    e.add_argument("--on-reward-error", choices=choices_of(PPOSection, "on_reward_error"),
+                   default=default_of(PPOSection, "on_reward_error"),
                    help="a reward that raises or returns NaN: stop, or score the sample --reward-penalty")
-    e.add_argument("--reward-penalty", type=float, default=-1.0)
-    e.add_argument("--max-new-tokens", type=int, default=40)
+    _setting_option(e, "--reward-penalty", PPOSection, "reward_penalty",
+                    help="score of a sample whose reward failed (--on-reward-error penalty)")
+    _setting_option(e, "--max-new-tokens", PPOSection, "max_new_tokens")
     e.add_argument("--seed", type=int, default=0)
-    model_args(e)
+    add_model_args(e)
     e.set_defaults(func=cmd_eval)
 
+
+def add_compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="low-rank factorise a saved prefix")
     c.add_argument("prefix")
     c.add_argument("--out", required=True)
-    c.add_argument("--scope", default="matrix", choices=["shared", "matrix", "whole"])
-    c.add_argument("--store-dtype", dest="dtype_store", default="float16", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the stored factors")
+    c.add_argument("--scope", default=default_of(CompressConfig, "scope"), choices=choices_of(CompressConfig, "scope"),
+                   help=help_of(CompressConfig, "scope"))
+    c.add_argument("--store-dtype", dest="dtype_store", default=default_of(CompressConfig, "dtype"),
+                   choices=choices_of(CompressConfig, "dtype"), help="dtype of the stored factors")
     c.add_argument("--no-anchor", action="store_true",
                    help="factorise the whole K/V, not only the change from the init text's K/V")
     group = c.add_mutually_exclusive_group()
@@ -302,24 +314,61 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", help="prompts for the fidelity report / KL budget")
     c.add_argument("--force", action="store_true", help="replace whatever is at --out (by default only a "
                                                         "previous rlprefix artifact is replaced)")
-    model_args(c)
+    add_model_args(c)
     c.set_defaults(func=cmd_compress)
 
+
+def add_export_parser(sub) -> None:
     x = sub.add_parser("export", help="write a prefix as an rlprefix directory or a PEFT prefix-tuning adapter")
     x.add_argument("prefix")
-    x.add_argument("--format", choices=["rlprefix", "peft"], default="rlprefix")
+    x.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0])
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="replace whatever is at --out (by default only a "
                                                         "previous rlprefix artifact or adapter is replaced)")
-    model_args(x)
+    add_model_args(x)
     x.set_defaults(func=cmd_export)
 
+
+def add_info_parser(sub) -> None:
     i = sub.add_parser("info", help="describe a saved prefix (reads its manifest)")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    add_serve_parser(sub, model_args)
+
+def add_serve_parser(sub, model_args=add_model_args) -> None:
+    s = sub.add_parser("serve", help="serve every prefix under a directory on one model (OpenAI-compatible HTTP)",
+                       description="One frozen model, many prefixes: each artifact directory under --prefixes "
+                                   "(full, compressed or a PEFT prefix-tuning adapter) is served under its name, "
+                                   "the bare model as 'base'; select one with the request's 'model' field.")
+    s.add_argument("--prefixes", required=True, help="directory whose subdirectories are prefix artifacts")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    _setting_option(s, "--max-batch", ServeSettings, "max_batch")
+    _setting_option(s, "--batch-wait-ms", ServeSettings, "batch_wait_ms")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $RLPREFIX_API_KEY, "
+                        "which keeps the key out of the process list; neither: no key, fine on 127.0.0.1 only)")
+    _setting_option(s, "--drain-timeout", ServeSettings, "drain_timeout", metavar="SECONDS")
+    _setting_option(s, "--max-body-bytes", ServeSettings, "max_body_bytes", metavar="BYTES")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+SUBCOMMANDS = (add_run_parser, add_sweep_parser, add_generate_parser, add_eval_parser, add_compress_parser,
+               add_export_parser, add_info_parser, add_serve_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlprefix", description="Steer a frozen causal LM with learned prefixes: "
+                                "warm start, PPO, low-rank compression and export.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"rlprefix {__import__('rlprefix').__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
 
 
@@ -327,13 +376,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # (NaN too)
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 

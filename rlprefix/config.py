@@ -11,15 +11,18 @@ from typing import Any, Literal
 
 import yaml
 
-from .distributed import DistributedConfig
-from .modeling import DEFAULT_MODEL
-from .settings import (NONNEG, POSITIVE, UNIT, Check, ConfigError, Settings, at_least, describe, each_of,
-                       setting, type_hints)
-from .stages.ppo import PPOConfig
-from .stages.warm_start import WarmStartConfig
+from rlprefix.distributed.groups import DistributedConfig
+from rlprefix.models.loading import DEFAULT_MODEL
+from rlprefix.prefixes.dynamic import REFUSALS
+from rlprefix.prefixes.lowrank import CompressConfig
+from rlprefix.settings import NONNEG, POSITIVE, UNIT, Check, ConfigError, Settings, at_least, describe, each_of, setting, type_hints
+from rlprefix.train.ppo import PPOConfig
+from rlprefix.train.warm_start import WarmStartConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "parse_value", "stage_config",
-           "dump_config", "reference"]
+           "dump_config", "reference", "EXPORT_FORMATS"]
+
+EXPORT_FORMATS = ("rlprefix", "peft")  # what a run can export (export.formats) and `rlprefix export --format`
 
 
 @dataclass
@@ -63,12 +66,10 @@ class PPOSection(PPOConfig):
 
 
 @dataclass
-class CompressSection(Settings):
-    section = "compress"
+class CompressSection(CompressConfig):
+    """Stage 3: scope, anchor and dtype (and their defaults) are CompressConfig's, shared with compress() and
+    `rlprefix compress`."""
     enabled: bool = setting(True, "run this stage")
-    scope: Literal["shared", "matrix", "whole"] = setting("matrix", "what one factorisation covers")
-    anchor: bool = setting(True, "factorise only the change from the init text's K/V (when there is one)")
-    dtype: Literal["float32", "float16", "bfloat16"] = setting("float16", "storage of the factors")
     rank: int | None = setting(None, "fixed rank", at_least(1))
     energy: float | None = setting(None, "smallest rank keeping this fraction of spectral energy", UNIT)
     max_kl: float | None = setting(0.05, "with rank and energy unset: smallest rank with per-token KL <= max_kl",
@@ -83,8 +84,8 @@ class CompressSection(Settings):
 @dataclass
 class ExportSection(Settings):
     section = "export"
-    formats: list[str] = setting(help="artifacts written at the end", check=each_of("rlprefix", "peft"),
-                                 default_factory=lambda: ["rlprefix", "peft"])
+    formats: list[str] = setting(help="artifacts written at the end", check=each_of(*EXPORT_FORMATS),
+                                 default_factory=lambda: list(EXPORT_FORMATS))
 
 
 @dataclass
@@ -149,14 +150,11 @@ def _cross_checks(cfg: RunConfig) -> None:
                           "with prompt/completion columns)")
     if cfg.prefix.kind == "dynamic":  # input-conditioned: no single K/V to keep as reference, compress or put in PEFT
         if cfg.ppo.enabled and cfg.ppo.reference == "initial":
-            raise ConfigError("ppo.reference: initial keeps one fixed reference K/V, which a dynamic (input-"
-                              "conditioned) prefix does not have; use ppo.reference: base")
+            raise ConfigError(REFUSALS["reference"])
         if cfg.compress.enabled:
-            raise ConfigError("compress.enabled: a dynamic (input-conditioned) prefix has no single K/V to factorise; "
-                              "set compress.enabled: false")
+            raise ConfigError(f"compress.enabled: {REFUSALS['compress']}")
         if "peft" in cfg.export.formats:
-            raise ConfigError("export.formats: PEFT cannot express a dynamic (input-conditioned) prefix; use "
-                              "export.formats: [rlprefix]")
+            raise ConfigError(f"export.formats: {REFUSALS['peft']}")
     if cfg.ppo.enabled and not cfg.ppo.prompts:
         raise ConfigError("ppo.prompts: required when ppo.enabled is true (a file with a 'prompt' column)")
 

@@ -5,11 +5,10 @@ from pathlib import Path
 
 from rewards import REGISTRY, build_reward, load_callable
 
-from .config import ConfigError, RunConfig
-from .data import load_records, require_columns
-from .general_text import load_passages
-
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+from rlprefix.settings import ConfigError
+from rlprefix.config import RunConfig
+from rlprefix.train.data import DATA_SUFFIXES, load_records
+from rlprefix.train.general_text import load_passages
 
 
 def check_output_dir(out: Path) -> None:
@@ -18,6 +17,7 @@ def check_output_dir(out: Path) -> None:
 
 
 def _is_local(source) -> bool:
+    """A local file or directory, or a file that should be (a data file's suffix): checked here, not on the hub."""
     path = Path(str(source))
     return path.exists() or path.suffix in DATA_SUFFIXES
 

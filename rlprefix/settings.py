@@ -16,7 +16,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 
@@ -26,8 +26,11 @@ class ConfigError(ValueError):
 
 # ---- checks: value -> None when allowed, else what is wrong ("is out of range (must be > 0)") ----------------
 class Check:
-    def __init__(self, ok: Callable[[Any], bool], allowed: str, problem: str | None = None):
-        self.ok, self.allowed = ok, allowed
+    """`choices`: the allowed values, for checks that list them (one_of, each_of)."""
+
+    def __init__(self, ok: Callable[[Any], bool], allowed: str, problem: str | None = None,
+                 choices: tuple | None = None):
+        self.ok, self.allowed, self.choices = ok, allowed, choices
         self.problem = problem or f"is out of range (must be {allowed})"
 
     def __call__(self, value) -> str | None:
@@ -46,19 +49,54 @@ def at_least(lo) -> Check:
 
 def one_of(*choices) -> Check:
     names = ", ".join(map(str, choices))
-    return Check(lambda v: v in choices, f"one of {names}", f"is not one of {names}")
+    return Check(lambda v: v in choices, f"one of {names}", f"is not one of {names}", choices)
 
 
 def each_of(*choices) -> Check:
     """A list whose items are all among `choices`."""
     names = ", ".join(map(str, choices))
-    return Check(lambda v: all(x in choices for x in v), f"a list of {names}", f"not allowed (choose from {names})")
+    return Check(lambda v: all(x in choices for x in v), f"a list of {names}", f"not allowed (choose from {names})",
+                 choices)
 
 
 def setting(default=dataclasses.MISSING, help: str = "", check: Check | None = None, *,
             default_factory=dataclasses.MISSING):
     """A dataclass field with its help text and check."""
     return field(default=default, default_factory=default_factory, metadata={"help": help, "check": check})
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no setting {name!r}")
+
+
+def default_of(cls, name: str) -> Any:
+    """The default of setting `name` of a Settings dataclass: what a command-line option restating it reads."""
+    f = _field(cls, name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def choices_of(cls, name: str) -> tuple:
+    """The values setting `name` allows: its Literal type's, or its check's (one_of / each_of)."""
+    tp = type_hints(cls)[name]
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    check = _field(cls, name).metadata.get("check")
+    if check is None or check.choices is None:
+        raise ValueError(f"{cls.__name__}.{name} lists no choices")
+    return tuple(check.choices)
+
+
+def help_of(cls, name: str) -> str:
+    """The help text of setting `name`."""
+    return _field(cls, name).metadata.get("help", "")
+
+
+def check_of(cls, name: str) -> Check | None:
+    """The check of setting `name` (None: only its type)."""
+    return _field(cls, name).metadata.get("check")
 
 
 # ---- types ------------------------------------------------------------------------------------------------------
@@ -168,3 +206,19 @@ def describe(cls, indent: str = "  ") -> list[str]:
         text = f"{f.metadata.get('help', '')}{allowed}".strip()
         lines.append(f"{indent if cls.section else ''}{f.name}: {json.dumps(default)}" + (f"  # {text}" if text else ""))
     return lines
+
+
+# ---- settings of no config section ---------------------------------------------------------------------------
+@dataclass
+class ServeSettings(Settings):
+    """`rlprefix serve`'s batching. Defined here, on the lowest floor, so that the server (rlprefix.serve) and the
+    command line (rlprefix.cli) read the same defaults and checks."""
+    section = "serve"
+    max_batch: int = setting(32, "most rows (completions) in the running batch; more wait for a free slot",
+                             at_least(1))
+    batch_wait_ms: float = setting(5.0, "when nothing is decoding, how long to gather arriving rows to prefill "
+                                   "together", NONNEG)
+    drain_timeout: float = setting(30.0, "on SIGTERM/SIGINT, seconds in-flight requests may run before they are cut",
+                                   NONNEG)
+    max_body_bytes: int = setting(1 << 20, "largest request body accepted (a larger one gets 413); 1 MiB holds a "
+                                  "prompt that fills a 128k-token context", at_least(1))

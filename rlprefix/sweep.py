@@ -13,9 +13,7 @@ resumes them; a length whose settings or data changed since starts afresh.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
 import shutil
 import time
@@ -24,14 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, load_config, stage_config
-from .freshness import content_hash
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .lock import OutputLock
-from .modeling import load_model
-from .pipeline import new_prefix, resolve_device
-from .preflight import check_dataset, check_output_dir
-from .stages.warm_start import WarmStartConfig, warm_start
+from rlprefix.settings import ConfigError
+from rlprefix.config import RunConfig, load_config, stage_config
+from rlprefix.freshness import sweep_keys, warm_start_data
+from rlprefix.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from rlprefix.lock import OutputLock
+from rlprefix.models.loading import load_model
+from rlprefix.recipe import new_prefix, resolve_device
+from rlprefix.preflight import check_dataset, check_output_dir
+from rlprefix.train.stage_run import WARM_START_FILES
+from rlprefix.train.warm_start import WarmStartConfig, warm_start
 
 CRITERION = "lowest validation perplexity exp(best eval loss); a tie goes to the shorter prefix"
 
@@ -48,7 +48,8 @@ def check_lengths(lengths, name: str = "lengths") -> list[int]:
 
 
 def perplexity(eval_loss: float) -> float:
-    """exp(mean per-token NLL); inf where that overflows."""
+    """exp(mean per-token NLL); inf where that overflows. Not the training metrics' clipped perplexity
+    (train.general_text.perplexity): this one ranks lengths, and a clip would tie every length past it."""
     return math.exp(eval_loss) if eval_loss < 700 else math.inf
 
 
@@ -143,14 +144,11 @@ def _sweep(cfg: RunConfig, lengths: list[int], steps: int, out: Path, model, tok
     ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
     ws_cfg.steps, ws_cfg.merge = steps, False  # only the loss is needed
     ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
-    data_hashes = [content_hash(cfg.warm_start.data), content_hash(cfg.warm_start.eval_data)]
-    rows = []
+    data, rows = warm_start_data(cfg.warm_start), []
     for n in lengths:
         section = dataclasses.replace(cfg.prefix, length=n)
         run_dir = out / f"length_{n}"
-        _fresh_if_changed(run_dir, [cfg.model.name, cfg.seed, dataclasses.asdict(section),
-                                    {k: v for k, v in dataclasses.asdict(ws_cfg).items() if k != "progress"},
-                                    data_hashes], log)
+        _fresh_if_changed(run_dir, sweep_keys(cfg, section, ws_cfg, data), log)
         torch.manual_seed(cfg.seed)  # each length starts from the same state, whatever ran before it
         prefix = new_prefix(section, model, tok, cfg.seed)
         params = prefix.num_parameters()
@@ -174,14 +172,17 @@ def _sweep(cfg: RunConfig, lengths: list[int], steps: int, out: Path, model, tok
 SETTINGS_FILE = "sweep_settings.json"
 
 
-def _fresh_if_changed(run_dir: Path, settings: list, log) -> None:
-    """A length's directory resumes only what the same settings and data wrote; otherwise its checkpoint goes
-    (a sweep's per-length runs are its own working files, unlike `rlprefix run`'s stages)."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _fresh_if_changed(run_dir: Path, keys: tuple[str, str], log) -> None:
+    """A length's directory resumes only what the same settings and data wrote (`freshness.sweep_keys`: the key,
+    and the one an earlier rlprefix recorded); otherwise its checkpoint goes (a sweep's per-length runs are its own
+    working files, unlike `rlprefix run`'s stages)."""
+    key, earlier = keys
     path = run_dir / SETTINGS_FILE
     old = read_json(path).get("key") if path.is_file() else None
-    if old != key:
-        if (run_dir / "checkpoint").exists():
+    if old not in (key, earlier):
+        checkpoint = run_dir / WARM_START_FILES.checkpoint
+        if checkpoint.exists():
             log(f"{run_dir.name}: settings or data changed since its last warm start; starting it afresh")
-            shutil.rmtree(run_dir / "checkpoint")
+            shutil.rmtree(checkpoint)
+    if old != key:
         atomic_write_json(path, {"key": key})

@@ -30,7 +30,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded default model (SmolLM2-135M-Instruct); skips when its package is not installed."""
-    from rlprefix.modeling import DEFAULT_MODEL, load_model
+    from rlprefix.models.loading import DEFAULT_MODEL, load_model
 
     try:
         return load_model(DEFAULT_MODEL)

@@ -7,7 +7,8 @@ import yaml
 
 from rlprefix import load_prefix
 from rlprefix.cli import main
-from rlprefix.config import ConfigError, load_config
+from rlprefix.settings import ConfigError
+from rlprefix.config import load_config
 from tiny import save_tiny
 
 REVIEWS = [{"prompt": f"review {w}", "completion": f"{w} is good great love"} for w in
@@ -95,8 +96,8 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
     path = tiny_run_config(tmp_path)
     assert main(["run", str(path)]) == 0
     run = tmp_path / "run"
-    for name in ("config.yaml", "summary.json", "summary.md", "warm_start/warmstart_metrics.jsonl",
-                 "warm_start/warmstart_curves.png", "ppo/ppo_metrics.jsonl", "ppo/ppo_curves.png",
+    for name in ("config.yaml", "summary.json", "summary.md", "warm_start/warm_start_metrics.jsonl",
+                 "warm_start/warm_start_curves.png", "ppo/ppo_metrics.jsonl", "ppo/ppo_curves.png",
                  "prefix_warmstart/manifest.json", "prefix_ppo/manifest.json", "prefix_compressed/manifest.json",
                  "export_peft/adapter_config.json", "compression_report.json"):
         assert (run / name).exists(), name
@@ -109,11 +110,18 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
     assert "| after warm start |" in (run / "summary.md").read_text()
     assert summary["compression"]["compression_ratio"] >= 1.0
     assert "| base model |" in (run / "summary.md").read_text()
+    # the stages' folders and files are where the one definition of their names says (freshness, stage_run)
+    from rlprefix.files import STATE_JSON
+    from rlprefix.freshness import PPO_DIR, WARM_START_DIR, ppo_checkpoint, warm_start_checkpoint
+    from rlprefix.train.stage_run import PPO_FILES, WARM_START_FILES
+
+    assert (warm_start_checkpoint(run) / STATE_JSON).exists() and (ppo_checkpoint(run) / STATE_JSON).exists()
+    assert (run / WARM_START_DIR / WARM_START_FILES.metrics).exists() and (run / PPO_DIR / PPO_FILES.curves).exists()
     final = load_prefix(run / "prefix_ppo").kv.clone()
 
     # a second run with the same config skips every finished stage
-    import rlprefix.stages.warm_start as ws
-    import rlprefix.stages.ppo as ppo_mod
+    import rlprefix.train.warm_start as ws
+    import rlprefix.train.ppo as ppo_mod
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
@@ -127,7 +135,7 @@ def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):
 def test_interrupted_ppo_resumes_to_the_same_prefix(tmp_path, monkeypatch):
     path = tiny_run_config(tmp_path)
     assert main(["run", str(path), f"output_dir={tmp_path / 'full'}"]) == 0
-    import rlprefix.stages.ppo as ppo_mod
+    import rlprefix.train.ppo as ppo_mod
 
     real, calls = ppo_mod.rollout, {"n": 0}
 
@@ -236,7 +244,7 @@ def test_readme_config_mentions_only_real_keys():
 def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
     """ppo.progress / warm_start.progress: false turn that stage's bar off even with logging.progress: true;
     logging.tensorboard reaches the metric loggers; ppo.eval_prompts reach ppo() (for ppo.eval_every)."""
-    from rlprefix.pipeline import run
+    from rlprefix.recipe import run
 
     seen = {}
 
@@ -244,7 +252,7 @@ def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
         seen["ws"] = (a[4].progress, tensorboard)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlprefix.stages.warm_start.warm_start", fake_ws)
+    monkeypatch.setattr("rlprefix.train.warm_start.warm_start", fake_ws)
     path = tiny_run_config(tmp_path, warm_start={"progress": False}, logging={"progress": True, "tensorboard": False})
     with pytest.raises(KeyboardInterrupt):
         run(load_config(path), log=lambda *_: None)
@@ -254,7 +262,7 @@ def test_stage_progress_keys_are_not_overwritten(tmp_path, monkeypatch):
         seen["ppo"] = (a[5].progress, eval_prompts, tensorboard)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlprefix.stages.ppo.ppo", fake_ppo)
+    monkeypatch.setattr("rlprefix.train.ppo.ppo", fake_ppo)
     path = tiny_run_config(tmp_path, warm_start={"enabled": False}, ppo={"progress": False, "eval_every": 1},
                            logging={"progress": True, "tensorboard": True})
     with pytest.raises(KeyboardInterrupt):

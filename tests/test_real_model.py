@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from rlprefix import Prefix, kv_spec
-from rlprefix.generation import encode_prompts, sample
-from rlprefix.runtime import score_completions
+from rlprefix.decoding.prompts import encode_prompts
+from rlprefix.models.adapter import reference_sample as sample
+from rlprefix.models.adapter import score_completions
 
 pytestmark = pytest.mark.real_model
 
@@ -35,7 +36,7 @@ def test_second_load_uses_the_cached_checkpoint(real_model, monkeypatch):
 
     import transformers
 
-    from rlprefix.modeling import DEFAULT_MODEL, resolve_model_path
+    from rlprefix.models.loading import DEFAULT_MODEL, resolve_model_path
 
     real = transformers.AutoModelForCausalLM.from_pretrained
 

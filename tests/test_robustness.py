@@ -5,23 +5,22 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import rlprefix.io as rio
+import rlprefix.files as rio
 from rewards import Composite, RewardError
 from rlprefix import ArtifactError, Prefix, load_prefix
 from rlprefix.cli import main
-from rlprefix.checkpoint import load_checkpoint, save_checkpoint
-from rlprefix.evaluate import evaluate_reward
+from rlprefix.train.checkpoint import load_checkpoint, save_checkpoint
+from rlprefix.train.evaluate import evaluate_reward
 from rlprefix.guards import NonFiniteError, assert_finite
 from rlprefix.lock import OutputLock
-from rlprefix.peft_export import export_peft
-from rlprefix.scorer import Scorer
-from rlprefix.stages.warm_start import WarmStartConfig, warm_start
+from rlprefix.prefixes.peft import export_peft
+from rlprefix.train.scorer import Scorer
+from rlprefix.train.warm_start import WarmStartConfig, warm_start
 from test_config import REVIEWS, tiny_run_config, write_jsonl
 from tiny import tiny_model, tiny_tokenizer
 
@@ -118,7 +117,7 @@ def test_non_finite_warm_start_stops_at_the_first_bad_step(tmp_path, monkeypatch
     prefix = Prefix.for_model(model, 3, "mlp", mlp_hidden=16)
     cfg = WarmStartConfig(steps=4, batch_size=2, warmup_steps=0, eval_every=2, progress=False, checkpoint_every=1)
     # lr=inf is refused by the config now, so the schedule is made to return it (training blows up at step 1)
-    monkeypatch.setattr("rlprefix.stages.warm_start.lr_at", lambda *a, **k: math.inf)
+    monkeypatch.setattr("rlprefix.train.warm_start.lr_at", lambda *a, **k: math.inf)
     with pytest.raises(NonFiniteError, match="at step 1"):
         warm_start(model, tok, prefix, rows, cfg, output_dir=tmp_path)
     assert not (tmp_path / "checkpoint").exists()  # nothing non-finite was saved
@@ -219,7 +218,7 @@ def test_runs_never_reuse_stale_results_nor_clobber_user_files(tmp_path, capsys,
                  "--json"]) == 0
 
     # a non-finite PPO result is never saved nor marked finished; the last good prefix stays
-    import rlprefix.stages.ppo as rl_mod
+    import rlprefix.train.ppo as rl_mod
 
     good = load_prefix(run / "prefix_ppo").kv.clone()
     real = rl_mod.ppo
@@ -239,7 +238,7 @@ def test_runs_never_reuse_stale_results_nor_clobber_user_files(tmp_path, capsys,
 
 # ---- one line for every bad input --------------------------------------------------------------------------
 def test_every_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
-    import rlprefix.modeling as modeling
+    import rlprefix.models.loading as modeling
 
     path = tiny_run_config(tmp_path)
     model_dir = str(tmp_path / "model")

@@ -29,7 +29,7 @@ def test_one_row_per_length_perplexity_and_the_argmin(tmp_path):
     assert len([line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
     assert f"| {res.chosen_length} (chosen) |" in md
     assert (tmp_path / "sw" / "sweep.png").read_bytes().startswith(b"\x89PNG")
-    assert (tmp_path / "sw" / "length_2" / "warmstart_metrics.jsonl").exists()
+    assert (tmp_path / "sw" / "length_2" / "warm_start_metrics.jsonl").exists()
     # a length's warm start does not depend on what ran before it
     again = sweep_lengths(path, [2], steps=2, out_dir=tmp_path / "sw2", log=quiet)
     assert again.rows[0]["best_eval_loss"] == res.rows[1]["best_eval_loss"]
