@@ -184,3 +184,23 @@ def test_version_is_defined_once_and_matches_pyproject():
 
     from rlprefix import __version__
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
+
+
+# short files, top-to-bottom reading (README, "Package map"): the sizes the redesign keeps
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 420, 60
+
+
+def test_modules_and_functions_stay_short():
+    long = []
+    for m in MODULES:
+        if not m.startswith("rlprefix"):
+            continue
+        src = (ROOT / f"{m.replace('.', '/')}.py").read_text()
+        if len(src.splitlines()) > MAX_MODULE_LINES:
+            long.append(f"{m}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{m}.{node.name}: {lines} lines")
+    assert not long, long

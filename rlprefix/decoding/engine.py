@@ -67,8 +67,8 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     `groups` = k > 1: rows come in runs of k (the same prompt, k prefixes); their next-token probabilities are
     averaged, one token is sampled per run and the Rollout has one row per run (prompt ensembling).
     `force_tokens` [B/k, T]: teacher forcing; the given tokens are fed instead of sampled ones (their policy
-    log-probs are recorded), which scores a completion along the exact path of the decode loop.
-    `compile` (default: on CUDA, unless the model is sharded) runs the decode step under CUDA graphs.
+    log-probs are recorded), which scores a completion along the exact path of the decode loop. `compile` (default:
+    on CUDA, unless the model is sharded) runs the decode step under CUDA graphs.
     `on_step(t, tokens, alive)`: called after decode step t with that step's tokens and alive mask ([B/k] device
     tensors, one per output row; finished rows hold the pad token and 0); it may return a bool tensor or list [B/k]
     of rows to finish now (cancelled: no more tokens, mask 0 from step t + 1). See `StepHook`.
@@ -80,12 +80,11 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if on_step is not None:
             family.require("on_step", model)
         return family.sample(model, tokenizer, prompt_ids, prompt_mask, prefix, bank=bank, prefix_index=prefix_index,
-                             kv=kv, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                             generator=generator, row_seeds=row_seeds, decode=decode, return_hidden=return_hidden,
-                             groups=groups, force_tokens=force_tokens)
-    # 1. the rows: which prefix each carries, their seeds
-    _check_attention(model)
+                             kv=kv, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, top_k=top_k,
+                             temperature=temperature, top_p=top_p, do_sample=do_sample, generator=generator,
+                             row_seeds=row_seeds, decode=decode, return_hidden=return_hidden, groups=groups,
+                             force_tokens=force_tokens)
+    _check_attention(model)  # 1. the rows: which prefix each carries, their seeds
     device = model.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     rows = prompt_ids.shape[0]
@@ -94,8 +93,7 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     bank, index = resolve_prefixes(model, prefix, kv, bank, prefix_index, rows, prompt_ids, prompt_mask)
     seeds = _row_seeds(row_seeds, rows // groups, generator, device) if do_sample and force_tokens is None else None
     compile = device.type == "cuda" and not sharding.is_sharded(model) if compile is None else compile
-    # 2. prefixes and prompts into a static cache
-    loop = _Loop(model, tokenizer, prompt_ids, prompt_mask, bank, index, groups=groups, seeds=seeds,
+    loop = _Loop(model, tokenizer, prompt_ids, prompt_mask, bank, index, groups=groups, seeds=seeds,  # 2. the cache
                  max_new_tokens=max_new_tokens, compile=compile, return_hidden=return_hidden)
     # 3. one token per step until every row has stopped
     steps = max_new_tokens if force_tokens is None else min(max_new_tokens, force_tokens.shape[1])
