@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
     from rlprefix.recipe import run
 
     cfg = load_config(args.config, args.overrides)
-    run(cfg)
+    run(cfg, overwrite=args.overwrite)
     return 0
 
 
@@ -108,7 +108,9 @@ def cmd_eval(args) -> int:
     from rlprefix.train.evaluate import evaluate_reward
     from rlprefix.prefixes.artifacts import load_prefix
     from rlprefix.models.loading import load_model
+    from rlprefix.preflight import check_dataset
 
+    check_dataset(args.prompts, "--prompts", [["prompt"]])  # before the model: as `rlprefix run` checks its prompts
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
     reward = build_reward({"name": args.reward, **_options(args.reward_option)},
@@ -127,10 +129,12 @@ def cmd_compress(args) -> int:
     from rlprefix.prefixes.artifacts import load_prefix
     from rlprefix.files import check_artifact_target
     from rlprefix.models.loading import load_model
+    from rlprefix.preflight import check_dataset
 
     if args.max_kl is not None and not args.prompts:  # before the work, not after it
         raise ValueError("--max-kl needs --prompts to measure KL on")
     check_artifact_target(args.out, args.force)
+    check_dataset(args.prompts, "--prompts", [["prompt"]])
 
     model, tok = load_model(_model_for(args.prefix, args.model), args.dtype, args.device)
     prefix = load_prefix(args.prefix, model)
@@ -244,6 +248,8 @@ def add_run_parser(sub) -> None:
                        formatter_class=_RunHelp)
     r.add_argument("config", help="YAML config file (see configs/)")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.steps=50 reward.name=sentiment")
+    r.add_argument("--overwrite", action="store_true", help="replace files in output_dir that rlprefix did not write "
+                                                            "where the run writes (by default the run is refused)")
     r.set_defaults(func=cmd_run)
 
 

@@ -184,6 +184,11 @@ def is_rlprefix_artifact(path: Path) -> bool:
     return bool(names) and names <= ARTIFACT_FILES
 
 
+def replaceable_artifact_dir(path: Path) -> bool:
+    """What an artifact write may replace without being forced: an empty directory or a previous rlprefix artifact."""
+    return path.is_dir() and (not any(path.iterdir()) or is_rlprefix_artifact(path))
+
+
 def check_artifact_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse to replace anything at `out_dir` but an empty directory or a previous rlprefix artifact."""
     out = Path(out_dir)
@@ -192,7 +197,7 @@ def check_artifact_target(out_dir: str | os.PathLike, overwrite: bool = False) -
     if not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; refusing to replace it (choose another "
                             f"path, or force the overwrite)")
-    if any(out.iterdir()) and not is_rlprefix_artifact(out):
+    if not replaceable_artifact_dir(out):
         raise ArtifactError(f"{out} holds files that rlprefix did not write; refusing to replace them (choose an "
                             f"empty or new directory, or force the overwrite)")
 

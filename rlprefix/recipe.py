@@ -29,7 +29,8 @@ from rlprefix.lock import OutputLock
 from rlprefix.prefixes.lowrank import anchor_mode
 from rlprefix.models.loading import load_model
 from rlprefix.prefixes.peft import export_peft
-from rlprefix.preflight import preflight
+from rlprefix.preflight import (COMPRESSION_REPORT, CONFIG_FILE, CONFIG_HEADER, EXPORT_DIRS, PREFIX_DIRS, config_target,
+                                preflight, remove_unowned)
 from rlprefix.prefixes.prefix import Prefix
 from rlprefix.train.scorer import Scorer
 from rlprefix.seeds import derive_seed
@@ -38,21 +39,22 @@ from rlprefix.train import ppo as ppo_stage, warm_start as warm_start_stage
 from rlprefix.train.compress import compress_and_measure
 from rlprefix.train.ppo import PPOConfig
 from rlprefix.train.warm_start import WarmStartConfig
-from rlprefix.summary import render_summary
-
-CONFIG_HEADER = "# written by `rlprefix run`: the configuration of the run in this directory\n"
+from rlprefix.summary import write_summary
 
 
-def run(cfg: RunConfig, log=print) -> dict:
+def run(cfg: RunConfig, log=print, *, overwrite: bool = False) -> dict:
     """Run every enabled stage of `cfg`; returns the summary (also written to summary.json / summary.md).
 
     The output directory is locked for the whole run (a second run into it is refused), and every input
-    is checked before the model is loaded."""
+    is checked before the model is loaded. A path the run writes that holds something rlprefix did not write
+    (preflight.run_outputs) is refused before anything is written, unless `overwrite` (then it is removed)."""
     dist = Dist.from_env()
     out = Path(cfg.output_dir)
-    preflight(cfg)
+    preflight(cfg, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out) if dist.is_main else contextlib.nullcontext():
+        if overwrite and dist.is_main:
+            remove_unowned(cfg, log)
         return _run(cfg, log, dist, out)
 
 
@@ -198,10 +200,9 @@ def _recover_swaps(out: Path) -> None:
 
 def _write_config(out: Path, cfg: RunConfig, log) -> None:
     """config.yaml, unless the user keeps a config.yaml of their own there (then config.rlprefix.yaml)."""
-    path = out / "config.yaml"
-    if path.is_file() and not path.read_text(errors="replace").startswith(CONFIG_HEADER):
-        path = out / "config.rlprefix.yaml"
-        log(f"{out / 'config.yaml'} was not written by rlprefix; keeping it and writing the run's config to {path}")
+    path = config_target(out)
+    if path != out / CONFIG_FILE:
+        log(f"{out / CONFIG_FILE} was not written by rlprefix; keeping it and writing the run's config to {path}")
     atomic_write_text(path, CONFIG_HEADER + dump_config(cfg))
 
 
@@ -250,7 +251,7 @@ def stage_warm_start(r: Run, prefix):
         assert_finite("warm-start prefix", res.steps_done,
                       *(res.prefix.parameters() if is_input_conditioned(res.prefix) else [res.prefix.key_values(r.model)]))
         if r.dist.is_main:
-            res.prefix.save(r.out / "prefix_warmstart", {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
+            res.prefix.save(r.out / PREFIX_DIRS["warm_start"], {"stage": "warm_start", "best_eval_loss": res.best_eval_loss,
                                                          "model": cfg.model.name})
         info = {"best_eval_loss": res.best_eval_loss, "best_step": res.best_step, "steps": res.steps_done}
         if res.forgetting:  # general-text perplexity of the best prefix with / without it (train.general_text)
@@ -260,7 +261,7 @@ def stage_warm_start(r: Run, prefix):
         return info
 
     info, prefix = stage(r, "warm_start", r.keys["warm_start"], compute,
-                         lambda: load_prefix(r.out / "prefix_warmstart", r.model))
+                         lambda: load_prefix(r.out / PREFIX_DIRS["warm_start"], r.model))
     r.summary["warm_start"] = info
     r.log(f"warm start: best eval loss {info['best_eval_loss']:.3f} (step {info['best_step']})"
           + (f", general-text perplexity x{info['forgetting']['forgetting_ratio']:.3f} with the prefix"
@@ -288,13 +289,13 @@ def stage_ppo(r: Run, prefix):
                       *(trained.parameters() if is_input_conditioned(trained) else [trained.key_values(r.model)]))
         last = res.history[-1] if res.history else {}
         if r.dist.is_main:
-            trained.save(r.out / "prefix_ppo", {"stage": "ppo", "reward": reward_names(cfg), "model": cfg.model.name,
+            trained.save(r.out / PREFIX_DIRS["ppo"], {"stage": "ppo", "reward": reward_names(cfg), "model": cfg.model.name,
                                                 "final_reward": last.get("reward/mean")})
         return {"steps": res.steps_done, "final_train_reward": last.get("reward/mean"), "final_kl": last.get("kl"),
                 "kl_coef": res.kl_coef}
 
     r.summary["ppo"], prefix = stage(r, "ppo", r.keys["ppo"], compute,
-                                     lambda: load_prefix(r.out / "prefix_ppo", r.model))
+                                     lambda: load_prefix(r.out / PREFIX_DIRS["ppo"], r.model))
     return prefix
 
 
@@ -312,7 +313,7 @@ def stage_compress(r: Run, prefix):
     if not r.cfg.compress.enabled:
         return prefix
     info, final = stage(r, "compress", r.keys["compress"], lambda: compress_and_report(r, prefix),
-                        lambda: load_prefix(r.out / "prefix_compressed", r.model))
+                        lambda: load_prefix(r.out / PREFIX_DIRS["compress"], r.model))
     r.summary["compression"] = {k: v for k, v in info["report"].items() if k != "relative_error_per_layer"}
     return final
 
@@ -332,8 +333,8 @@ def compress_and_report(r: Run, prefix) -> dict:
         full_reward=summary.get("after", {}).get("reward_mean"), log=r.log)
     if r.dist.is_main:
         fidelity = {k: v for k, v in report.items() if k != "relative_error_per_layer"}
-        comp.save(r.out / "prefix_compressed", {**artifact_meta(r), "fidelity": fidelity})
-        atomic_write_json(r.out / "compression_report.json", report)
+        comp.save(r.out / PREFIX_DIRS["compress"], {**artifact_meta(r), "fidelity": fidelity})
+        atomic_write_json(r.out / COMPRESSION_REPORT, report)
     return {"report": report}
 
 
@@ -344,10 +345,10 @@ def export(r: Run, prefix, final) -> None:
     out, compressed, exports = r.out, r.cfg.compress.enabled, {}
     if "rlprefix" in r.cfg.export.formats:
         if not compressed:
-            prefix.save(out / "export_rlprefix", artifact_meta(r))
-        exports["rlprefix"] = str(out / ("prefix_compressed" if compressed else "export_rlprefix"))
+            prefix.save(out / EXPORT_DIRS["rlprefix"], artifact_meta(r))
+        exports["rlprefix"] = str(out / (PREFIX_DIRS["compress"] if compressed else EXPORT_DIRS["rlprefix"]))
     if "peft" in r.cfg.export.formats:
-        exports["peft"] = str(export_peft(final, r.model, out / "export_peft"))
+        exports["peft"] = str(export_peft(final, r.model, out / EXPORT_DIRS["peft"]))
     r.summary["exports"] = exports
 
 
@@ -355,7 +356,5 @@ def summarise(r: Run) -> dict:
     """summary.json and summary.md (main process); returns the summary."""
     if r.dist.is_main:
         r.summary["seconds"] = r.seconds
-        atomic_write_json(r.out / "summary.json", r.summary)
-        atomic_write_text(r.out / "summary.md", render_summary(r.summary))
-        r.log(f"summary: {r.out / 'summary.md'}")
+        r.log(f"summary: {write_summary(r.out, r.summary)}")
     return r.summary

@@ -1,12 +1,66 @@
-"""summary.md: a short human-readable report of a run, from its summary (summary.json)."""
+"""summary.md: a short human-readable report of a run, from its summary (summary.json); and how a later run tells
+the two files rlprefix wrote from a user's files of the same names (`is_own_summary`)."""
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
+
+from rlprefix.files import ArtifactError, atomic_write_json, atomic_write_text, read_json
+
+SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
+# summary.json carries WRITTEN_BY; summary.md ends with a seal: an HTML comment (not shown) holding the digest of the
+# text above it, so an edited summary.md is the user's. A summary.json of an rlprefix from before the field holds
+# LEGACY_KEYS, and its summary.md the title render_summary writes.
+WRITTEN_BY = {"written_by": "rlprefix run"}
+SEAL = "<!-- written by rlprefix run; sha256 {} -->\n"
+LEGACY_KEYS = {"model", "reward", "output_dir", "seconds"}
+TITLE = "# rlprefix run: "
+
+
+def write_summary(out: Path, s: dict) -> Path:
+    """summary.json and summary.md of summary `s` into directory `out`, both marked as rlprefix's; returns summary.md."""
+    atomic_write_json(out / SUMMARY_JSON, {**s, **WRITTEN_BY})
+    md = render_summary(s)
+    atomic_write_text(out / SUMMARY_MD, md + SEAL.format(_digest(md)))
+    return out / SUMMARY_MD
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _json_summary(path: Path) -> str | None:
+    """'sealed' (carries WRITTEN_BY), 'legacy' (an earlier rlprefix's) or None (not rlprefix's)."""
+    try:
+        obj = read_json(path) if path.is_file() else None
+    except ArtifactError:
+        return None
+    if obj is None:
+        return None
+    if all(obj.get(k) == v for k, v in WRITTEN_BY.items()):
+        return "sealed"
+    return "legacy" if LEGACY_KEYS <= set(obj) and not set(WRITTEN_BY) & set(obj) else None
+
+
+def is_own_summary(path: Path) -> bool:
+    """Whether `path` (OUTPUT_DIR/summary.json or summary.md) is as rlprefix wrote it, so a run may replace it."""
+    path = Path(path)
+    if path.name == SUMMARY_JSON:
+        return _json_summary(path) is not None
+    if not path.is_file():
+        return False
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    body, _, seal = text[:-1].rpartition("\n")
+    if text.endswith("\n") and seal + "\n" == SEAL.format(_digest(body + "\n")):
+        return True
+    earlier = text.startswith(TITLE) and SEAL.split(";")[0] not in text  # an earlier rlprefix's, never sealed
+    return earlier and _json_summary(path.with_name(SUMMARY_JSON)) == "legacy"
 
 
 def render_summary(s: dict) -> str:
     """A short human-readable report of a run."""
-    lines = [f"# rlprefix run: {s.get('output_dir')}", "", f"- model: `{s.get('model')}`",
+    lines = [f"{TITLE}{s.get('output_dir')}", "", f"- model: `{s.get('model')}`",
              f"- reward: `{json.dumps(s.get('reward'))}`"]
     b, a = s.get("before"), s.get("after")
     rows = [("base model", b), ("after warm start", s.get("after_warm_start")),

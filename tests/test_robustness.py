@@ -278,13 +278,13 @@ def test_every_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, monkeypa
         ["run", cfg, f"warm_start.data={tmp_path / 'empty.jsonl'}"],
         ["run", cfg, "ppo.lr=.inf"],
         ["eval", "--prefix", str(tmp_path / "pre"), "--prompts", "x.jsonl", "--samples", "0"],
+        ["eval", "--prefix", str(tmp_path / "pre"), "--prompts", str(tmp_path / "cols.jsonl"), "--reward", "length",
+         "--reward-option", "target=3", "--max-new-tokens", "2"],  # no 'prompt': checked as `run` checks it
         ["serve", "--prefixes", str(tmp_path), "--max-batch", "0"],  # no slot: requests would wait forever
         ["serve", "--prefixes", str(tmp_path), "--batch-wait-ms", "-1"],
         ["info", no_model],
     ]
     after_model = [
-        ["eval", "--prefix", str(tmp_path / "pre"), "--prompts", str(tmp_path / "cols.jsonl"), "--reward", "length",
-         "--reward-option", "target=3", "--max-new-tokens", "2"],
         ["generate", "--prefix", unknown, "--prompt", "hi"],
         ["generate", "--prefix", length, "--prompt", "hi"],
         ["export", str(tmp_path / "pre"), "--out", str(tmp_path / "victim")],

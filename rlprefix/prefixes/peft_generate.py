@@ -40,7 +40,8 @@ def peft_generate_applies_prefix() -> bool | None:
     cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=16,
                       intermediate_size=32, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
                       bos_token_id=1, eos_token_id=1)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own calls (gradient-checkpointing and cache-argument deprecations)
         torch.manual_seed(0)
         base = LlamaForCausalLM(cfg).eval()
         adapter = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)

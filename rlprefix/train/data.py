@@ -1,6 +1,8 @@
 """Datasets for the stages: load records (file, datasets.Dataset, list, hub name) and tokenise SFT examples."""
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,93 @@ from rlprefix.decoding.prompts import render_prompts
 # dataset or a local dataset directory. Preflight checks a source as a local file by these same suffixes.
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DATA_SUFFIXES = tuple(DATA_BUILDERS)
+JSON_SUFFIXES = tuple(s for s, builder in DATA_BUILDERS.items() if builder == "json")
+# The type each key a stage reads must hold, and its name in messages (a number completion is read as its text).
+KEY_TYPES = {"prompt": ((str,), "a string"), "completion": ((str, int, float), "a string"),
+             "text": ((str,), "a string"), "messages": ((list,), "a list of messages")}
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def check_records_file(path, needs: list[list[str]] = ()) -> int:
+    """Read a JSON data file record by record as the loader does (JSON Lines, or one JSON array): UTF-8, valid JSON,
+    every record an object with one of the key sets `needs` (the one the first record uses, in every record).
+    Raises ValueError naming the file, the line and what is wrong; returns the number of records."""
+    path = Path(str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is fine, as for the loader
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 at byte {e.start} (0x{data[e.start]:02x}); save the file "
+                         f"as UTF-8") from None
+    keys, n = None, 0
+    try:
+        for n, (line, row) in enumerate(_array_rows(text) if text.lstrip().startswith("[") else _line_rows(text), 1):
+            keys = _check_row(row, needs, keys, f"{path} line {line}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not JSON: {e.msg} (column {e.colno})") from None
+    if n == 0:
+        raise ValueError(f"dataset {path} is empty")
+    return n
+
+
+def _line_rows(text: str):
+    """(line number, value) of each non-blank line of JSON Lines."""
+    start = 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise json.JSONDecodeError(e.msg, text, start + e.pos) from None
+            yield number, value
+        start += len(line) + 1
+
+
+def _array_rows(text: str):
+    """(line number, value) of each item of a document that is one JSON array."""
+    decoder, i = json.JSONDecoder(), _SPACE.match(text, text.index("[") + 1).end()
+    line, seen = 1, 0
+    if text.startswith("]", i):  # an empty array
+        i += 1
+    else:
+        while True:
+            value, end = decoder.raw_decode(text, i)
+            line, seen = line + text.count("\n", seen, i), i
+            yield line, value
+            i = _SPACE.match(text, end).end()
+            if text.startswith("]", i):
+                i += 1
+                break
+            if not text.startswith(",", i):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+            i = _SPACE.match(text, i + 1).end()
+    if text[i:].strip():
+        raise json.JSONDecodeError("Extra data", text, _SPACE.match(text, i).end())
+
+
+def _kind(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _check_row(row, needs, keys, where: str):
+    """One record: an object holding `keys` (None: the first of `needs` it uses), each of its type; returns keys."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: not a JSON object but {_kind(row)}; each record is an object such as "
+                         f'{{"{(needs or [["prompt"]])[0][0]}": ...}}')
+    if not needs:
+        return None
+    keys = keys or next((k for k in needs if any(c in row for c in k)), needs[0])
+    also = (" (records need " + ", or ".join(" and ".join(map(repr, k)) for k in needs)
+            + ", the same in every record)") if len(needs) > 1 else ""
+    for key in keys:
+        if key not in row:
+            raise ValueError(f"{where}: missing required key {key!r}{also}")
+        types, name = KEY_TYPES.get(key, ((object,), "a value"))
+        if row[key] is None or isinstance(row[key], bool) or not isinstance(row[key], types):
+            raise ValueError(f"{where}: {key!r} is {_kind(row[key])}, not {name}")
+    return keys
 
 
 def load_records(source, split: str = "train"):
@@ -33,6 +122,8 @@ def load_records(source, split: str = "train"):
                 raise FileNotFoundError(f"dataset file not found: {path}")
             if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
                 raise ValueError(f"dataset {path} is empty")
+            if path.suffix in JSON_SUFFIXES:
+                check_records_file(path)  # which line is wrong, and how: the loader says neither
             try:
                 ds = datasets.load_dataset(DATA_BUILDERS[path.suffix], data_files=str(path), split="train")
             except Exception as e:  # noqa: BLE001 - datasets raises many types for malformed files
