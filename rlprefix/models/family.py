@@ -8,9 +8,8 @@ the family, or asks `family.require(feature)` for a clear refusal.
 
 It is also the one compatibility point with transformers' cache argument: `call` passes the cache under the keyword
 the model's forward takes (`cache` from transformers 5.24 on, `past_key_values` before, where a `cache=` keyword would
-be swallowed silently), and `output_cache` reads it
-back from the outputs the same way, so no rlprefix call triggers the rename's deprecation warning and none can be
-silently swallowed by `**kwargs` once the old name is gone.
+be swallowed silently), and `output_cache` reads it back from the outputs the same way, so no rlprefix call triggers
+the rename's deprecation warning and none can be swallowed by `**kwargs` once the old name is gone.
 """
 from __future__ import annotations
 
@@ -50,7 +49,8 @@ class ModelFamily:
     def require(self, feature: str, model=None, hint: str = "") -> None:
         """A ValueError naming the feature and the family when the family lacks it."""
         if not self.supports(feature):
-            what = f"{type(model).__name__} is an {self.name} model" if model is not None else \
+            article = "an" if self.name[0] in "aeiou" else "a"
+            what = f"{type(model).__name__} is {article} {self.name} model" if model is not None else \
                 f"the model is {self.name}"
             raise ValueError(f"{FEATURES[feature]} is not supported on {self.name} models ({what})"
                              + (f"; {hint}" if hint else ""))
