@@ -1,6 +1,7 @@
 """Shared helpers for benchmarks: result files and the machine description."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -17,6 +18,17 @@ if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))
 
 
+def package_versions() -> dict:
+    """The versions that decide what a result means (transformers' cache API, PEFT's generate, TRL's trainer)."""
+    found = {}
+    for name in ("transformers", "peft", "trl", "accelerate"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -25,7 +37,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0],
+            "python": sys.version.split()[0], "packages": package_versions(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip()}
 
