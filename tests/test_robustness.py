@@ -282,6 +282,9 @@ def test_every_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, monkeypa
          "--reward-option", "target=3", "--max-new-tokens", "2"],  # no 'prompt': checked as `run` checks it
         ["serve", "--prefixes", str(tmp_path), "--max-batch", "0"],  # no slot: requests would wait forever
         ["serve", "--prefixes", str(tmp_path), "--batch-wait-ms", "-1"],
+        ["serve", "--prefixes", str(tmp_path), "--max-body-bytes", "0"],  # every request would get 413
+        ["serve", "--prefixes", str(tmp_path), "--drain-timeout", "-1"],
+        ["serve", "--prefixes", str(tmp_path), "--drain-timeout", "nan"],
         ["info", no_model],
     ]
     after_model = [
