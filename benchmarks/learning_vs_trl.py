@@ -189,13 +189,14 @@ def evaluate(model, tok, reward, task: str, adapter_dir: Path | None, tokens: in
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in held]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    bare_logits = model.generate(**enc, do_sample=False, max_new_tokens=1, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id).logits[0]
+    first_step = dict(do_sample=False, max_new_tokens=1, output_logits=True, return_dict_in_generate=True,
+                      pad_token_id=tok.pad_token_id)
+    # the bare model's first step, before PEFT wraps the model (LoRA injects its layers in place)
+    bare_logits = model.generate(**enc, **first_step).logits[0] if adapter_dir is not None else None
     generate, peft_model = adapter_sampler(model, adapter_dir)
     change = None
     if adapter_dir is not None:
-        first = generate(enc, do_sample=False, max_new_tokens=1, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=tok.pad_token_id)[0].logits[0]
+        first = generate(enc, **first_step)[0].logits[0]
         change = float((first - bare_logits).abs().max())
         if change < NOISE:
             raise SystemExit(f"evaluator: the adapter in {adapter_dir} changes nothing in generate (first-step "

@@ -57,7 +57,7 @@ def checked_kv(model, spec, name: str, prefix) -> torch.Tensor | None:
     own = getattr(prefix, "spec", None)
     if own is not None and own != spec:
         raise ValueError(f"prefix {name} was made for {own.describe()}; the model is {spec.describe()}")
-    kv = prefix if isinstance(prefix, torch.Tensor) else prefix_kv(model, prefix)
+    kv = prefix_kv(model, prefix)
     if kv is None or kv.shape[2] == 0:
         return None
     if kv.dim() != 4 or kv.shape[0] != spec.num_layers or kv.shape[1] != 2 or kv.shape[3] != spec.kv_dim:

@@ -29,7 +29,7 @@ def generate_kwargs(prefix, model, input_ids: torch.Tensor, attention_mask: torc
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    kv = prefix if isinstance(prefix, torch.Tensor) or prefix is None else prefix_kv(model, prefix)
+    kv = prefix_kv(model, prefix)
     length = 0 if kv is None else kv.shape[-2]
     fill = pad_token_id(tokenizer, model) if tokenizer is not None else 0
     inputs = family_of(model).generate_inputs(model, input_ids.to(model.device), attention_mask.to(model.device),

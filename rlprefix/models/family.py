@@ -122,7 +122,9 @@ def prefix_kv(model, prefix, input_ids: torch.Tensor | None = None,
               route_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The prefix's K/V, or None for "no prefix" (a None prefix or a zero-length one). An input-conditioned
     prefix (kind dynamic) gives per-row K/V [rows, layers, 2, P, kv_dim] for `input_ids`, routed on the tokens
-    where `route_mask` is 1."""
+    where `route_mask` is 1. A K/V tensor [layers, 2, P, kv_dim] is its own K/V."""
+    if isinstance(prefix, torch.Tensor):
+        return prefix if prefix.shape[-2] else None
     if prefix is None or prefix.length == 0:
         return None
     if getattr(prefix, "spec", None) is not None:

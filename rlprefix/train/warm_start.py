@@ -118,11 +118,10 @@ def _autocast(model, precision: str):
 def completion_nll(model, prefix, batch: dict, precision: str = "fp32") -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over completion tokens (labels != -100), and how many there were. An
     input-conditioned prefix routes on the prompt tokens (real tokens without a label), as at generation."""
-    device = model.device
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     with _autocast(model, precision):
-        logits = sft_logits(model, {k: v.to(device) for k, v in batch.items()}, prefix)
-    targets = labels[:, 1:]
+        logits = sft_logits(model, batch, prefix)
+    targets = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           ignore_index=-100, reduction="sum")
     return nll, int((targets != -100).sum())
