@@ -352,6 +352,7 @@ def add_serve_parser(sub, model_args=add_model_args) -> None:
     s.add_argument("--port", type=int, default=8000)
     _setting_option(s, "--max-batch", ServeSettings, "max_batch")
     _setting_option(s, "--batch-wait-ms", ServeSettings, "batch_wait_ms")
+    _setting_option(s, "--max-queue", ServeSettings, "max_queue", metavar="ROWS")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $RLPREFIX_API_KEY, "
                         "which keeps the key out of the process list; neither: no key, fine on 127.0.0.1 only)")

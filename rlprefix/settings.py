@@ -216,6 +216,8 @@ class ServeSettings(Settings):
     section = "serve"
     max_batch: int = setting(32, "most rows (completions) in the running batch; more wait for a free slot",
                              at_least(1))
+    max_queue: int = setting(1024, "most rows (prompts x n) waiting for a slot; a request that would queue more gets "
+                             "429 and may retry", at_least(1))
     batch_wait_ms: float = setting(5.0, "when nothing is decoding, how long to gather arriving rows to prefill "
                                    "together", NONNEG)
     drain_timeout: float = setting(30.0, "on SIGTERM/SIGINT, seconds in-flight requests may run before they are cut",

@@ -43,6 +43,7 @@ log = logging.getLogger("rlprefix.serve.app")
 DRAIN_TIMEOUT_S = default_of(ServeSettings, "drain_timeout")  # on SIGTERM/SIGINT: in-flight requests' deadline
 MAX_BATCH = default_of(ServeSettings, "max_batch")
 WAIT_S = default_of(ServeSettings, "batch_wait_ms") / 1000
+MAX_QUEUE = default_of(ServeSettings, "max_queue")
 
 
 def create_app(server: Server, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -61,25 +62,27 @@ def create_app(server: Server, *, api_key: str | None = None, max_body_bytes: in
 
 
 def build_server(model, tok, model_name: str, prefixes: str | Path | None, max_batch: int = MAX_BATCH,
-                 wait_s: float = WAIT_S) -> Server:
+                 wait_s: float = WAIT_S, max_queue: int = MAX_QUEUE) -> Server:
     """A server for `model` with the prefixes under `prefixes` loaded (a directory that fails is refused with one
     log line; the others load)."""
     store = PrefixStore(model, prefixes)
     report = store.scan()
     log.info("model %s: serving %s (refused: %s)", model_name, [e.name for e in store.entries()],
              sorted(report["refused"]) or "none")
-    return Server(model, tok, store, model_name, max_batch, wait_s)
+    return Server(model, tok, store, model_name, max_batch, wait_s, max_queue)
 
 
 def run_server(model: str | None, prefixes: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
                max_batch: int = MAX_BATCH, batch_wait_ms: float = WAIT_S * 1000, threads: int | None = None, dtype: str = "float32",
                device: str = "cpu", api_key: str | None = None, drain_timeout: float | None = DRAIN_TIMEOUT_S,
-               max_body_bytes: int = MAX_BODY_BYTES) -> int:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> int:
     """Load the model, serve it until SIGTERM/SIGINT, then drain: stop accepting connections, give in-flight requests
     up to `drain_timeout` seconds (None: no limit), cut the rest, stop the decode thread. `api_key` (else
     $RLPREFIX_API_KEY) is required on every route but /health; request bodies over `max_body_bytes` get a 413."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     if drain_timeout is not None and not (drain_timeout >= 0 and math.isfinite(drain_timeout)):
         raise ValueError(f"drain_timeout must be a finite number of seconds >= 0, got {drain_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,7 +94,7 @@ def run_server(model: str | None, prefixes: str | Path | None, *, host: str = "1
         torch.set_num_threads(threads)
     model_name = model or DEFAULT_MODEL
     lm, tok = load_model(model_name, dtype, device)
-    server = build_server(lm, tok, model_name, prefixes, max_batch, batch_wait_ms / 1000)
+    server = build_server(lm, tok, model_name, prefixes, max_batch, batch_wait_ms / 1000, max_queue)
     log.info("on %s; API key %s; bodies up to %d bytes; on SIGTERM in-flight requests get %s", device,
              "required" if key else "not required", max_body_bytes,
              f"{drain_timeout:g} s" if drain_timeout is not None else "all the time they need")
@@ -113,4 +116,5 @@ def serve_main(args) -> int:
                       batch_wait_ms=args.batch_wait_ms, threads=getattr(args, "threads", None), dtype=args.dtype,
                       device=args.device, api_key=getattr(args, "api_key", None),
                       drain_timeout=option("drain_timeout", DRAIN_TIMEOUT_S),
-                      max_body_bytes=option("max_body_bytes", MAX_BODY_BYTES))
+                      max_body_bytes=option("max_body_bytes", MAX_BODY_BYTES),
+                      max_queue=option("max_queue", MAX_QUEUE))

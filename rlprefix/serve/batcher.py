@@ -42,6 +42,7 @@ class Row:
     sink: Any = field(default=None, repr=False)  # gets the tokens as they are decoded (None: the result only)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)  # stop decoding it
     logprobs: int | None = None   # record each token's log-prob and this many best alternatives (None: do not)
+    ignore_eos: bool = False      # decode max_tokens tokens: an EOS is a token like any other
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Batcher:
         self._queue.put(row)
         self._gauge()
         return row.future
+
+    def waiting(self) -> int:
+        """Rows queued, not yet in the running batch."""
+        return self._queue.qsize()
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -139,7 +139,7 @@ class RunningBatch:
                 if lp is not None:
                     r.logprobs.append(lp)
                 turn.tokens.append((r.row, t, lp))
-                if t in self.eos or len(r.tokens) >= r.row.max_tokens:
+                if (t in self.eos and not r.row.ignore_eos) or len(r.tokens) >= r.row.max_tokens:
                     ended.append(i)
             self._leave(ended, turn)
         self.metrics.set("rlprefix_decode_rows", len(self.running))
@@ -235,6 +235,6 @@ class RunningBatch:
             toks = r.tokens
             text = self.tok.decode(toks, skip_special_tokens=True)
             lps = list(r.logprobs) if r.row.logprobs is not None else None
-            turn.finished.append((r.row, RowResult(toks, text, bool(toks) and toks[-1] in self.eos, lps)))
+            turn.finished.append((r.row, RowResult(toks, text, bool(toks) and toks[-1] in self.eos and not r.row.ignore_eos, lps)))
         order = self.slots.remove(slots)
         self.running = [self.running[i] for i in order]

@@ -35,6 +35,8 @@ class _Sampling(BaseModel):
     stop: Union[str, list[str], None] = Field(None)
     stream: bool = False
     stream_options: dict | None = None
+    # vLLM's extension, sent by load generators (guidellm): decode max_tokens tokens whatever the model samples
+    ignore_eos: bool = False
 
     def include_usage(self) -> bool:
         return bool(self.stream and (self.stream_options or {}).get("include_usage"))

@@ -66,9 +66,11 @@ class Job:
 class Server:
     def __init__(self, model, tok, store: PrefixStore, model_name: str,
                  max_batch: int = default_of(ServeSettings, "max_batch"),
-                 wait_s: float = default_of(ServeSettings, "batch_wait_ms") / 1000):
+                 wait_s: float = default_of(ServeSettings, "batch_wait_ms") / 1000,
+                 max_queue: int = default_of(ServeSettings, "max_queue")):
         family_of(model).require("serve", model, hint=f"{model_name}: the running batch's slot cache is decoder-only")
         self.model, self.tok, self.store, self.model_name = model, tok, store, model_name
+        self.max_queue = max_queue
         self.metrics = Metrics()
         self.context = context_length(model, tok)
         self.max_prompt_chars = 2 * self.context * max(longest_token(tok), 1)
@@ -180,13 +182,18 @@ class Server:
     def submit(self, job: Job) -> Call:
         """Queue one row per prompt and choice; streamed rows and rows with stop strings get their tokens per step."""
         loop, call, req = asyncio.get_running_loop(), Call(self.metrics), job.req
+        rows, waiting = len(job.prompts) * req.n, self.batcher.waiting()
+        if waiting + rows > self.max_queue:
+            raise APIError(429, f"the server is busy: {waiting} rows wait for a slot and this request adds {rows} "
+                                f"(at most {self.max_queue} may wait); retry later", None, "rate_limit_exceeded",
+                           type="rate_limit_error")
         for ids in job.prompts:
             for j in range(req.n):
                 seed = req.seed + j if req.seed is not None else secrets.randbits(62)
-                sink = RowSink(loop, TextStream(self.tok, job.stops), self.eos, job.max_tokens, call.wake,
-                               logprobs=job.top is not None)
+                sink = RowSink(loop, TextStream(self.tok, job.stops), set() if req.ignore_eos else self.eos,
+                               job.max_tokens, call.wake, logprobs=job.top is not None)
                 row = Row(job.entry.name, job.entry.kv, ids, job.max_tokens, req.temperature, req.top_p, seed,
-                          sink=sink if req.stream or job.stops else None, logprobs=job.top)
+                          sink=sink if req.stream or job.stops else None, logprobs=job.top, ignore_eos=req.ignore_eos)
                 call.add(row, sink)
                 self.batcher.submit(row)
         self.metrics.inc("rlprefix_prompt_tokens_total", job.prompt_tokens * req.n)  # prefilled once per row

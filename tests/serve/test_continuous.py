@@ -153,3 +153,20 @@ def test_decode_thread_lets_rows_join_and_survives_a_failed_step():
     assert again.future.result(timeout=30).token_ids == [0]
     batcher.stop()
     assert not batcher._thread.is_alive()
+
+
+def test_ignore_eos_decodes_max_tokens_through_an_eos():
+    """`ignore_eos` (vLLM's extension, sent by guidellm): with every token an EOS, a plain row stops after one token
+    (finish "stop"); an ignore_eos row decodes its max_tokens and does not report an EOS."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    running = RunningBatch(model, tok, BankCache(model), max_rows=4, limit=128)
+    running.eos = set(range(model.config.vocab_size))
+    plain = Row("base", None, tok("hello world")["input_ids"], 9, 1.0, 1.0, 11)
+    ignoring = Row("base", None, tok("hello world")["input_ids"], 9, 1.0, 1.0, 12, ignore_eos=True)
+    got, joining = {}, [plain, ignoring]
+    while len(got) < 2:
+        turn = running.iterate(joining)
+        joining = []
+        got.update({row.seed: result for row, result in turn.finished})
+    assert len(got[11].token_ids) == 1 and got[11].hit_eos
+    assert len(got[12].token_ids) == 9 and not got[12].hit_eos

@@ -573,6 +573,14 @@ def test_usage_counts_each_prompt_once(served):
     assert chunks[-1].usage.prompt_tokens == lengths[0]
 
 
+def test_ignore_eos_gives_max_tokens_on_every_choice(served):
+    """guidellm sends `ignore_eos` (vLLM's extension) to fix output lengths: every choice has max_tokens tokens."""
+    status, got = served.post("/v1/completions", {"model": "beta", "prompt": PROMPTS[:2], "max_tokens": 24, "n": 3,
+                                                  "temperature": 2.0, "ignore_eos": True})
+    assert status == 200 and got["usage"]["completion_tokens"] == 2 * 3 * 24
+    assert {c["finish_reason"] for c in got["choices"]} == {"length"}
+
+
 @pytest.mark.parametrize("content", [
     [{"type": "text", "text": 5}], [{"type": "text"}], [{"type": "text", "text": None}], [{"type": "text", "text": ["a"]}],
     [{"text": "no type"}], [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], [{"type": ["text"]}],

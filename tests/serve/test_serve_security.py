@@ -228,13 +228,29 @@ def test_serve_main_passes_the_options_and_run_server_checks_them(monkeypatch):
         assert (seen[-1]["api_key"], seen[-1]["drain_timeout"], seen[-1]["max_body_bytes"]) == want
     monkeypatch.undo()
     monkeypatch.setattr(serve_app, "load_model", lambda *a, **k: pytest.fail("checked after loading the model"))
-    for bad in (dict(max_body_bytes=0), dict(drain_timeout=-1.0), dict(drain_timeout=math.nan),
+    for bad in (dict(max_body_bytes=0), dict(max_queue=0), dict(drain_timeout=-1.0), dict(drain_timeout=math.nan),
                 dict(drain_timeout=math.inf)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             run_server(None, None, **bad)
 
 
 # ---- request limits ------------------------------------------------------------------------------------------------
+def test_requests_that_would_queue_too_many_rows_get_429(tiny):
+    """--max-queue caps the rows (prompts x n) waiting for a slot: a request that would pass it gets 429 in OpenAI's
+    rate-limit shape (the openai client's RateLimitError), and one within it is served."""
+    model, tok, root = tiny
+    live = Live(create_app(build_server(model, tok, "tiny", root, max_queue=4)))
+    try:
+        client = live.client()
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="alpha", prompt=["a", "b"], n=3, max_tokens=2)
+        assert e.value.body["code"] == "rate_limit_exceeded" and "at most 4 may wait" in e.value.body["message"]
+        got = client.completions.create(model="alpha", prompt=["a", "b"], n=2, max_tokens=2)
+        assert len(got.choices) == 4
+    finally:
+        live.close()
+
+
 def _send_raw(port: int, head: bytes, body_chunks=(), timeout: float = 10) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head)
