@@ -145,6 +145,18 @@ def test_chat_completion_equals_in_process_sample(served, name):
     assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
 
 
+def test_langchain_openai_chat_model_gets_the_prefix_reply(served):
+    """langchain-openai's ChatOpenAI, pointed at the server, gets the prefix's reply (invoke and stream)."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model="beta", base_url=served.url + "/v1", api_key="unused", max_tokens=10, temperature=0.8,
+                      seed=5, max_retries=0, timeout=60)
+    want = served.reference("beta", PROMPTS[1], chat=True, seed=5, max_tokens=10, temperature=0.8)
+    assert chat.invoke(PROMPTS[1]).content == want
+    assert "".join(chunk.content for chunk in chat.stream(PROMPTS[1])) == want
+    assert want != served.reference("alpha", PROMPTS[1], chat=True, seed=5, max_tokens=10, temperature=0.8)
+
+
 def _job(i: int) -> dict:
     return dict(model=["alpha", "beta", "gamma", "delta"][i % 4], prompt=PROMPTS[i % 3], seed=100 + i,
                 max_tokens=4 + i % 9, temperature=[0.7, 1.0][i % 2])
