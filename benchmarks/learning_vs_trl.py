@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, machine, md_table, write_result
+from common import RESULTS, ROOT, machine, md_table, package_versions, write_result
 
 TRAIN_TOPICS = ["a city park", "a train journey", "a bakery", "a rainy weekend", "a museum", "a laptop", "a beach",
                 "a hiking trail", "a concert", "a library", "a coffee machine", "a bicycle", "a hotel room",
@@ -371,7 +371,8 @@ def main():
                             print(f"  failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
                             continue
                         runs[key] = {"task": task, "method": method + args.tag, "seed": seed, "lr": lr,
-                                     "commit": machine()["commit"], **json.loads(line[7:])}
+                                     "commit": machine()["commit"], "packages": package_versions(),
+                                     **json.loads(line[7:])}
                         r = runs[key]
                         print(f"  reward {r['reward']:.3f} +- {r['reward_se']:.3f}, KL {r['kl']:.2f}"
                               + (f", {r['train_seconds']:.0f} s" if "train_seconds" in r else ""), flush=True)
