@@ -14,7 +14,7 @@ from .base import Reward, as_text
 from .registry import REGISTRY, build_reward, load_callable, register
 from .composite import Composite
 from .contract import RewardError, check_values
-from . import builtin  # noqa: F401  (registers the built-ins)
+from . import builtin, images  # noqa: F401  (registers the built-ins)
 
 __all__ = ["Reward", "as_text", "REGISTRY", "build_reward", "load_callable", "register", "Composite",
            "RewardError", "check_values"]
