@@ -38,7 +38,12 @@ def test_image_transformers_encoders_are_frozen_and_deterministic(tmp_path, imag
     else:
         text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
         path = _save(CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16)), proc, tmp_path)
-    enc = load_vision_encoder(path)
+    try:
+        enc = load_vision_encoder(path)
+    except ImportError as e:  # transformers 5.4 (the oldest tested) loads image processors only with torchvision
+        if "Torchvision" not in str(e):
+            raise
+        pytest.skip("this transformers' image processors need torchvision, which the CPU torch file here lacks")
     assert isinstance(enc, TransformersVisionEncoder) and enc.dim == 32
     assert enc.reference == {"kind": "transformers", "name": path}
     assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
