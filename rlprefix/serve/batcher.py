@@ -82,7 +82,7 @@ class Batcher:
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.set("rlprefix_queue_rows", self._queue.qsize())
+            self.metrics.set("rlprefix_queue_rows", self.waiting())
 
     def _take(self, limit: int, first: Row | None = None, wait_s: float = 0.0) -> list[Row]:
         """Up to `limit` queued rows (waiting up to `wait_s` for more), without those whose client left."""

@@ -139,11 +139,15 @@ class RunningBatch:
                 if lp is not None:
                     r.logprobs.append(lp)
                 turn.tokens.append((r.row, t, lp))
-                if (t in self.eos and not r.row.ignore_eos) or len(r.tokens) >= r.row.max_tokens:
+                if self._ends(r.row, t) or len(r.tokens) >= r.row.max_tokens:
                     ended.append(i)
             self._leave(ended, turn)
         self.metrics.set("rlprefix_decode_rows", len(self.running))
         return turn
+
+    def _ends(self, row: Row, token: int) -> bool:
+        """Whether `token` ends `row` as an EOS (never for an ignore_eos row)."""
+        return token in self.eos and not row.ignore_eos
 
     def abort(self) -> list[Row]:
         """Drop every running row (after a failed step); returns them."""
@@ -235,6 +239,6 @@ class RunningBatch:
             toks = r.tokens
             text = self.tok.decode(toks, skip_special_tokens=True)
             lps = list(r.logprobs) if r.row.logprobs is not None else None
-            turn.finished.append((r.row, RowResult(toks, text, bool(toks) and toks[-1] in self.eos and not r.row.ignore_eos, lps)))
+            turn.finished.append((r.row, RowResult(toks, text, bool(toks) and self._ends(r.row, toks[-1]), lps)))
         order = self.slots.remove(slots)
         self.running = [self.running[i] for i in order]
