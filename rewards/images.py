@@ -1,7 +1,7 @@
 """Image-aware rewards: rule-based caption correctness for the built-in image tasks.
 
 The vocabulary of the built-in tasks (colours, shapes, positions, digit words) is defined here, once: the data
-generator (`rlprefix.train.image_data`) draws its scenes and writes its captions from it, and the reward reads the
+generator (`rlprefix.images.data`) draws its scenes and writes its captions from it, and the reward reads the
 reference caption's attributes back with it. Rewards receive the images TRL-style among the keyword columns
 (`images=`); this one needs only the reference captions (`captions=` or `caption=`), so it also runs under
 `trl.GRPOTrainer` unchanged.

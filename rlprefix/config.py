@@ -37,22 +37,32 @@ class ModelSection(Settings):
 class PrefixSection(Settings):
     section = "prefix"
     length: int = setting(10, "virtual tokens", at_least(1))
-    kind: Literal["mlp", "kv", "prompt", "shared", "dynamic"] = setting(
+    kind: Literal["mlp", "kv", "prompt", "shared", "dynamic", "image"] = setting(
         "mlp", "the parameterisation trained in the warm start (dynamic: input-conditioned, a bank mixed per prompt; "
-        "no compression or PEFT export)")
+        "image: computed from each row's image, the data being image-caption specs; neither compresses nor exports "
+        "to PEFT)")
     init: Literal["random", "text"] = setting("text", "start from init_text's K/V or at random")
     init_text: str = setting("Write a warm, friendly and positive reply.", "text whose K/V start the prefix")
-    mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation", POSITIVE)
+    mlp_hidden: int = setting(512, "hidden width of the mlp parameterisation (and of an image prefix's mapper)",
+                              POSITIVE)
     shared_dim: int | None = setting(None, "width d of the shared matrix [length, d] of kind shared (null: "
                                      "ceil(length / 4))", at_least(1))
     bank_size: int = setting(4, "prefixes in the bank of kind dynamic (mixed per prompt by a router)", at_least(1))
+    form: Literal["kv", "embedding"] = setting("kv", "kind image: kv (the mapper's coefficients over a learned K/V "
+                                               "basis in every layer) or embedding (mapped input-embedding tokens)")
+    encoder: str | None = setting(None, "kind image: the frozen image encoder, a transformers vision model (hub id "
+                                  "or folder) or null: the embedded small CNN for the built-in data (not CLIP)")
+    basis: int = setting(16, "kind image, form kv: K/V basis entries the mapper mixes", at_least(1))
+    image_prompt: str = setting("Describe the image in a few words.", "kind image: the prompt paired with every "
+                                "image of image-caption data")
     from_dir: str | None = setting(None, "start from a saved prefix instead of initialising one")
 
 
 @dataclass
 class WarmStartSection(WarmStartConfig):
     enabled: bool = setting(True, "run this stage")
-    data: str | None = setting(None, "JSONL/CSV/Parquet file, local dataset dir or hub name (prompt/completion)")
+    data: str | None = setting(None, "JSONL/CSV/Parquet file, local dataset dir or hub name (prompt/completion); "
+                               "kind image: builtin:shapes, builtin:digits or a JSONL of {image, caption}")
     eval_data: str | None = setting(None, "held-out prompt/completion pairs (default: eval_fraction of data)")
 
 
@@ -148,7 +158,7 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.warm_start.enabled and not cfg.warm_start.data:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")
-    if cfg.prefix.kind == "dynamic":  # input-conditioned: no single K/V to keep as reference, compress or put in PEFT
+    if cfg.prefix.kind in ("dynamic", "image"):  # input-conditioned: no single K/V to keep, compress or put in PEFT
         if cfg.ppo.enabled and cfg.ppo.reference == "initial":
             raise ConfigError(REFUSALS["reference"])
         if cfg.compress.enabled:

@@ -67,11 +67,24 @@ def stage_key(*parts) -> str:
     return json_hash(parts)
 
 
+# Prefix settings that only one kind reads: in the stage key only for that kind, so keys of runs from before them
+# (and of the other kinds) are kept.
+_PREFIX_KIND_ONLY = {"bank_size": "dynamic", "form": "image", "encoder": "image", "basis": "image",
+                     "image_prompt": "image"}
+
+
 def _prefix_fields(section) -> dict:
-    """The prefix section as a stage key; shared_dim and bank_size only when they matter (set, kind dynamic), so
-    keys of runs from before them are kept."""
+    """The prefix section as a stage key; shared_dim only when set, and each kind's own settings only for it."""
     return {k: v for k, v in asdict(section).items() if not (k == "shared_dim" and v is None)
-            and not (k == "bank_size" and section.kind != "dynamic")}
+            and not (k in _PREFIX_KIND_ONLY and section.kind != _PREFIX_KIND_ONLY[k])}
+
+
+def config_key(cfg) -> str:
+    """The whole config's hash, as artifact manifests record it (provenance): the image prefix's settings only for
+    kind image, so a config from before them hashes as it did."""
+    image_only = {k for k, kind in _PREFIX_KIND_ONLY.items() if kind == "image"}  # added after bank_size
+    prefix = {k: v for k, v in cfg.to_dict()["prefix"].items() if cfg.prefix.kind == "image" or k not in image_only}
+    return stage_key({**cfg.to_dict(), "prefix": prefix})
 
 
 # Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys

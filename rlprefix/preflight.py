@@ -20,6 +20,7 @@ from rlprefix.files import ArtifactError, read_json, replaceable_artifact_dir
 from rlprefix.freshness import MARKERS_DIR, PPO_DIR, RESUME_KEY_FILE, WARM_START_DIR
 from rlprefix.lock import LOCK_FILE
 from rlprefix.summary import SUMMARY_JSON, SUMMARY_MD, is_own_summary
+from rlprefix.images import load_image_captions
 from rlprefix.train.data import DATA_SUFFIXES, JSON_SUFFIXES, check_records_file, load_records
 from rlprefix.train.general_text import load_passages, source_path
 from rlprefix.train.stage_run import PPO_FILES, WARM_START_FILES, StageFiles
@@ -52,15 +53,32 @@ def check_dataset(source, key: str, columns: list[list[str]]) -> None:
                           f"{ds.column_names}")
 
 
+def check_image_data(cfg: RunConfig) -> None:
+    """An image prefix's data: image-caption specs that load (built-in names, a JSONL of {image, caption})."""
+    sources = {"warm_start.data": cfg.warm_start.data if cfg.warm_start.enabled else None,
+               "warm_start.eval_data": cfg.warm_start.eval_data if cfg.warm_start.enabled else None,
+               "ppo.prompts": cfg.ppo.prompts if cfg.ppo.enabled else None, "ppo.eval_prompts": cfg.ppo.eval_prompts}
+    for key, spec in sources.items():
+        try:
+            if spec is not None:
+                load_image_captions(spec)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{key}: {e} (prefix.kind image reads image-caption data: builtin:shapes, "
+                              f"builtin:digits or a JSONL of {{image, caption}})") from None
+
+
 def check_data(cfg: RunConfig) -> None:
     sft = [["prompt", "completion"], ["messages"]]
-    if cfg.warm_start.enabled:
+    if cfg.prefix.kind == "image":
+        check_image_data(cfg)
+    elif cfg.warm_start.enabled:
         check_dataset(cfg.warm_start.data, "warm_start.data", sft)
         check_dataset(cfg.warm_start.eval_data, "warm_start.eval_data", sft)
         check_general_text(cfg)
-    if cfg.ppo.enabled:
-        check_dataset(cfg.ppo.prompts, "ppo.prompts", [["prompt"]])
-    check_dataset(cfg.ppo.eval_prompts, "ppo.eval_prompts", [["prompt"]])
+    if cfg.prefix.kind != "image":
+        if cfg.ppo.enabled:
+            check_dataset(cfg.ppo.prompts, "ppo.prompts", [["prompt"]])
+        check_dataset(cfg.ppo.eval_prompts, "ppo.eval_prompts", [["prompt"]])
     if cfg.prefix.from_dir and not Path(cfg.prefix.from_dir).is_dir():
         raise ConfigError(f"prefix.from_dir: {cfg.prefix.from_dir} is not a directory")
 

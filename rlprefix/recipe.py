@@ -22,8 +22,9 @@ from rlprefix.config import PPOSection, RunConfig, dump_config, stage_config
 from rlprefix.distributed.groups import Dist
 from rlprefix.train.evaluate import evaluate_reward
 from rlprefix.prefixes.dynamic import is_input_conditioned
-from rlprefix.freshness import MARKERS_DIR, PPO_DIR, WARM_START_DIR, Stages, check_checkpoints, stage_key, stage_keys
+from rlprefix.freshness import (MARKERS_DIR, PPO_DIR, WARM_START_DIR, Stages, check_checkpoints, config_key, stage_keys)
 from rlprefix.guards import assert_finite
+from rlprefix.images import caption_records, open_encoder
 from rlprefix.files import atomic_write_json, atomic_write_text, recover_artifact_dir
 from rlprefix.lock import OutputLock
 from rlprefix.prefixes.lowrank import anchor_mode
@@ -87,7 +88,8 @@ class Run:
     raw_reward: Callable         # what PPO wraps in its own Scorer (clip, normalisation)
     reward: Scorer               # what evaluations score: the raw reward with the run's error policy
     ppo_cfg: PPOConfig
-    eval_prompts: str | None     # held-out prompts (default: the RL prompts); None: no evaluations
+    data: dict                   # each stage's data as the stage takes it: the config's path, or image-caption rows
+    eval_prompts: Any            # held-out prompts (default: the RL prompts); None: no evaluations
     eval_kw: dict                # sampling settings of every held-out evaluation
     summary: dict
     seconds: dict = field(default_factory=dict)
@@ -130,6 +132,9 @@ def new_prefix(section, model, tok, seed: int) -> Prefix:
     kw = dict(mlp_hidden=section.mlp_hidden, shared_dim=section.shared_dim)
     if section.kind == "dynamic":
         kw = dict(bank_size=section.bank_size)
+    if section.kind == "image":  # the encoder's feature size (the embedded CNN is trained at first use)
+        kw = dict(form=section.form, encoder=section.encoder, basis=section.basis, hidden=section.mlp_hidden,
+                  feature_dim=open_encoder(section.encoder).dim)
     if section.init == "text":
         return Prefix.from_text(model, tok, section.init_text, section.length, section.kind, **kw)
     return Prefix.for_model(model, section.length, section.kind, generator=torch.Generator().manual_seed(seed), **kw)
@@ -148,7 +153,7 @@ def reward_names(cfg: RunConfig) -> list[str]:
 
 def artifact_meta(r: Run) -> dict:
     """Provenance recorded in the manifests of the run's final artifacts."""
-    return {"config_hash": stage_key(r.cfg.to_dict()), "reward": reward_names(r.cfg), "model": r.cfg.model.name,
+    return {"config_hash": config_key(r.cfg), "reward": reward_names(r.cfg), "model": r.cfg.model.name,
             "final_metrics": {k: r.summary.get("after", {}).get(k) for k in ("reward_mean", "kl_to_base")}}
 
 
@@ -179,8 +184,19 @@ def setup(cfg: RunConfig, log, dist: Dist, out: Path) -> Run:
     raw_reward = build_reward(cfg.reward, {"model": model, "tokenizer": tok, "device": device})
     reward = Scorer(raw_reward, on_error=cfg.ppo.on_reward_error, penalty=cfg.ppo.reward_penalty)
     summary = {"model": cfg.model.name, "reward": cfg.reward, "output_dir": str(out)}
-    return Run(cfg, out, dist, log, keys, markers, model, tok, raw_reward, reward, ppo_cfg,
-               cfg.ppo.eval_prompts or cfg.ppo.prompts, eval_kw, summary, seconds)
+    data = stage_data(cfg)
+    return Run(cfg, out, dist, log, keys, markers, model, tok, raw_reward, reward, ppo_cfg, data, data["eval"],
+               eval_kw, summary, seconds)
+
+
+def stage_data(cfg: RunConfig) -> dict:
+    """Each stage's data: the config's sources as they are, or, for an image prefix, image-caption specs
+    (builtin:shapes, builtin:digits, a JSONL of {image, caption}) read as rows with the prefix's image prompt."""
+    sources = {"ws_data": cfg.warm_start.data, "ws_eval": cfg.warm_start.eval_data, "prompts": cfg.ppo.prompts,
+               "eval": cfg.ppo.eval_prompts or cfg.ppo.prompts}
+    if cfg.prefix.kind != "image":
+        return sources
+    return {k: caption_records(v, cfg.prefix.image_prompt) if v else None for k, v in sources.items()}
 
 
 def _recover_swaps(out: Path) -> None:
@@ -245,8 +261,8 @@ def stage_warm_start(r: Run, prefix):
     def compute() -> dict:
         ws_cfg: WarmStartConfig = stage_config(cfg.warm_start, WarmStartConfig)
         ws_cfg.progress = cfg.logging.progress and cfg.warm_start.progress
-        res = warm_start_stage.warm_start(r.model, r.tok, prefix, cfg.warm_start.data, ws_cfg,
-                                          eval_dataset=cfg.warm_start.eval_data, output_dir=r.out / WARM_START_DIR,
+        res = warm_start_stage.warm_start(r.model, r.tok, prefix, r.data["ws_data"], ws_cfg,
+                                          eval_dataset=r.data["ws_eval"], output_dir=r.out / WARM_START_DIR,
                                           dist=r.dist, tensorboard=cfg.logging.tensorboard)
         assert_finite("warm-start prefix", res.steps_done,
                       *(res.prefix.parameters() if is_input_conditioned(res.prefix) else [res.prefix.key_values(r.model)]))
@@ -281,7 +297,7 @@ def stage_ppo(r: Run, prefix):
         return prefix
 
     def compute() -> dict:
-        res = ppo_stage.ppo(r.model, r.tok, prefix, cfg.ppo.prompts, r.raw_reward, r.ppo_cfg,
+        res = ppo_stage.ppo(r.model, r.tok, prefix, r.data["prompts"], r.raw_reward, r.ppo_cfg,
                             eval_prompts=r.eval_prompts, output_dir=r.out / PPO_DIR, dist=r.dist,
                             tensorboard=cfg.logging.tensorboard)
         trained = plain_kv(res.prefix, r.model)

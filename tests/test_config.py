@@ -89,7 +89,7 @@ def test_repo_configs_are_valid():
     for p in root.glob("*.yaml"):
         cfg = load_config(p)
         for path in (cfg.warm_start.data if cfg.warm_start.enabled else None, cfg.ppo.prompts, cfg.ppo.eval_prompts):
-            assert path is None or Path(path).exists(), (p.name, path)
+            assert path is None or Path(path).exists() or path.startswith("builtin:"), (p.name, path)
 
 
 def test_end_to_end_run_and_resume(tmp_path, monkeypatch, capsys):

@@ -48,7 +48,7 @@ FLOORS = {
     "rlprefix.distributed": (2, "distributed"),
     "rlprefix.models": (3, "models"),
     "rlprefix.prefixes": (4, "prefixes"),
-    "rlprefix.decoding": (5, "decoding"),
+    "rlprefix.decoding": (5, "decoding"), "rlprefix.images": (4, "images"),
     "rlprefix.train": (6, "train"), "rlprefix.serve": (6, "serve"),
     "rlprefix.config": (7, "run"), "rlprefix.recipe": (7, "run"), "rlprefix.sweep": (7, "run"),
     "rlprefix.preflight": (7, "run"), "rlprefix.freshness": (7, "run"), "rlprefix.summary": (7, "run"),

@@ -17,6 +17,7 @@ import rlprefix.preflight as preflight
 from rlprefix import Prefix, load_prefix
 from rlprefix.cli import build_parser
 from rlprefix.config import EXPORT_FORMATS, ExportSection, ModelSection, PPOSection, RunConfig, load_config
+from rlprefix.freshness import config_key as freshness_config_key
 from rlprefix.freshness import (Stages, check_checkpoints, check_resume, ppo_parts, stage_key, stage_keys, sweep_keys,
                                 warm_start_checkpoint, warm_start_data, warm_start_parts)
 from rlprefix.models.loading import DEFAULT_MODEL
@@ -201,7 +202,7 @@ def test_stage_keys_are_those_existing_runs_hold(tmp_path, monkeypatch, raw, key
     eval_kw = dict(chat=None, system=None, seed=7, max_new_tokens=40, temperature=1.0, samples_per_prompt=2)
     got = stage_keys(cfg, eval_kw)
     assert {k: v for k, v in got.items() if k != "data"} == keys
-    assert stage_key(cfg.to_dict()) == config_key  # the manifests' provenance config_hash
+    assert freshness_config_key(cfg) == config_key  # the manifests' provenance config_hash
 
 
 # ---- 4. file names, spelled once -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from rlprefix.decoding.bank import PrefixBank, plan_rows, resolve_prefixes
 from rlprefix.decoding.prompts import encode_prompts
 from rlprefix.decoding.static_cache import bucket, compiled_step, decode_mask, model_step, new_cache, open_rows
 from rlprefix.distributed import collectives as sharding
+from rlprefix.images.conditions import is_image_prefix, with_images
 from rlprefix.models import family_of
 from rlprefix.models.sampling import Rollout, choose, model_dtype, policy_logprobs, seed_halves, stop_and_pad, uniforms
 from rlprefix.models.spec import kv_spec
@@ -267,13 +268,18 @@ def _row_seeds(row_seeds, rows: int, generator, device) -> torch.Tensor:
 # ---- text in, text out ------------------------------------------------------------------------------------------
 def generate(model, tokenizer, prompts: list[str], prefix=None, *, ensemble: list | None = None,
              chat: bool | None = None, system: str | None = None, batch_size: int = 32, seed: int | None = None,
-             **sample_kw) -> list[str]:
+             images: list | None = None, **sample_kw) -> list[str]:
     """Completions for a list of prompts.
 
     `prefix`: None, one prefix for all prompts, or a list with one prefix (or None) per prompt, batched together.
     `ensemble`: a list of k prefixes whose next-token probabilities are averaged (prompt ensembling).
+    `images`: one image per prompt (PIL, path or bytes) for an image prefix (kind image), which needs them.
     With `seed`, prompt i gets row seed (seed, i): its completion does not depend on `batch_size`.
     """
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
+    if images is not None or is_image_prefix(prefix):
+        prefix = with_images(prefix, images)
     if ensemble is not None and prefix is not None:
         raise ValueError("pass either prefix or ensemble, not both")
     n = len(prompts)
@@ -289,8 +295,9 @@ def generate(model, tokenizer, prompts: list[str], prefix=None, *, ensemble: lis
     for i in range(0, n, batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], chat, system, device=model.device)
         idx = index[i * groups:(i + ids.shape[0]) * groups] if index is not None else None
+        part = dynamic.select(range(i, i + ids.shape[0])) if hasattr(dynamic, "select") else dynamic
         roll = sample(model, tokenizer, ids.repeat_interleave(groups, 0), mask.repeat_interleave(groups, 0),
-                      dynamic, bank=bank, prefix_index=idx if bank is not None else None, groups=groups,
+                      part, bank=bank, prefix_index=idx if bank is not None else None, groups=groups,
                       row_seeds=seeds[i:i + batch_size], **sample_kw)
         texts += roll.texts
     return texts

@@ -55,9 +55,14 @@ def text_kv(model, ids: list[int]) -> torch.Tensor:
 
 def embeds_kv(model, embeds: torch.Tensor) -> torch.Tensor:
     """The frozen model's K/V [layers, 2, len, kv_dim] for input embeddings [len, hidden] (a 'prompt' prefix;
-    differentiable: prompt tuning trains the embeddings through it)."""
-    out = call(model, None, inputs_embeds=embeds.to(model_dtype(model)).unsqueeze(0), use_cache=True)
-    return cache_to_kv(output_cache(out), kv_spec(model))
+    differentiable: prompt tuning trains the embeddings through it); per row [rows, layers, 2, len, kv_dim] for
+    [rows, len, hidden] (an image prefix's mapped tokens)."""
+    rows = embeds if embeds.dim() == 3 else embeds.unsqueeze(0)
+    out = call(model, None, inputs_embeds=rows.to(model_dtype(model)), use_cache=True)
+    cache, spec = output_cache(out), kv_spec(model)
+    if embeds.dim() == 2:
+        return cache_to_kv(cache, spec)
+    return torch.stack([cache_to_kv(cache, spec, r) for r in range(rows.shape[0])])
 
 
 def position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
@@ -100,12 +105,19 @@ def score_completions(model, prompt_ids, prompt_mask, completion_ids, completion
     at the cost of U*Tp + B*Tc tokens instead of B*(Tp+Tc).
     """
     rows = prompt_ids.shape[0]
+    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    if kv is None and getattr(prefix, "input_conditioned", False):
+        # each row's own K/V (a dynamic prefix's mixture, an image prefix's image): rows share a prompt's forward
+        # only when their K/V are the same too
+        kv = prefix_kv(model, prefix, prompt_ids, prompt_mask)
+        key = torch.cat([key, distinct_rows(kv.detach().flatten(1))[1].unsqueeze(1).to(key)], dim=1)
     if share_prompts:
-        first, inverse = distinct_rows(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1))
+        first, inverse = distinct_rows(key)
         # a sharded model runs the same forwards on every process: all share prompts (2 forwards) or none do
         if collectives.agree_any(model, len(first) < rows):
-            return _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix, kv,
-                                 temperature, output_hidden, first, inverse)
+            return _score_shared(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prefix,
+                                 kv[first] if kv is not None and kv.dim() == 5 else kv, temperature, output_hidden,
+                                 first, inverse)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     tc = completion_ids.shape[1]

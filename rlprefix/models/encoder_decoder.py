@@ -267,7 +267,8 @@ class EncoderDecoder(ModelFamily):
     auto_class = "seq2seq"
     # the engine's static cache, the server's running batch, FSDP and 'prompt' prefixes are decoder-only code; the
     # engine falls back to the reference loop here (one batch per prefix)
-    unsupported = frozenset({"prompt_prefix", "fsdp", "engine", "ensemble", "on_step", "serve", "general_text"})
+    unsupported = frozenset({"prompt_prefix", "fsdp", "engine", "ensemble", "on_step", "serve", "general_text",
+                             "image_prefix"})
 
     def build_cache(self, model, kv, batch_size: int):
         return build_cache(model, kv, batch_size)

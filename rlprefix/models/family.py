@@ -29,6 +29,7 @@ FEATURES = {
     "on_step": "on_step (streaming, cancelling)",
     "serve": "rlprefix serve (continuous batching)",
     "general_text": "general-text mixing (plain language-model text has no source)",
+    "image_prefix": "an image prefix (kind image)",
 }
 
 

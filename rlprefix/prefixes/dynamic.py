@@ -38,18 +38,20 @@ from rlprefix.distributed import collectives as sharding
 from rlprefix.prefixes.artifacts import register_kind, save_prefix
 from rlprefix.models.spec import KVSpec
 
-# What a dynamic prefix cannot do, and why: the one wording of every refusal (the API's, the config's, the server's).
-WHAT = "a dynamic (input-conditioned) prefix"
+# What an input-conditioned prefix (dynamic, image) cannot do, and why: the one wording of every refusal (the API's, the config's, the server's).
+WHAT = "an input-conditioned prefix (kind dynamic or image)"
 REFUSALS = {
-    "single_kv": f"{WHAT} has no single K/V: its K/V depend on the prompt (pass input_ids and route_mask for per-row "
-                 f"K/V); it cannot be merged, compressed, exported to PEFT or used as a fixed KL reference",
-    "merge": f"{WHAT} cannot be merged: its bank and router are already its final form (no single K/V)",
+    "single_kv": f"{WHAT} has no single K/V: its K/V depend on each input, a prompt or an image (per-row K/V "
+                 f"come from its prompts or images); it cannot be merged, compressed, exported to PEFT or used as a "
+                 f"fixed KL reference",
+    "merge": f"{WHAT} cannot be merged: its parameters are already its final form (no single K/V)",
     "compress": f"compression factorises one fixed prefix; {WHAT} has a K/V per input (set compress.enabled: false)",
     "peft": f"PEFT prefix tuning cannot express {WHAT}: a PEFT adapter holds one fixed prefix for every input, this "
-            f"prefix mixes a bank per prompt; export it in the rlprefix format instead (export.formats: [rlprefix])",
+            f"prefix's K/V change with each input; export it in the rlprefix format instead "
+            f"(export.formats: [rlprefix])",
     "reference": f"ppo.reference: initial keeps one fixed reference K/V, which {WHAT} does not have; use "
                  f"ppo.reference: base",
-    "bank": f"{WHAT}'s K/V depend on each prompt, so it cannot share a bank with other prefixes (or the base model) "
+    "bank": f"{WHAT}'s K/V depend on each input, so it cannot share a bank with other prefixes (or the base model) "
             f"or join an ensemble; pass it alone as `prefix`",
 }
 NOT_STATIC = REFUSALS["single_kv"]

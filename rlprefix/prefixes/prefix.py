@@ -8,7 +8,8 @@ Four parameterisations, one module each (kv.py, mlp.py, shared.py, prompt.py), s
 - "prompt": input-embedding virtual tokens (Prompt Tuning), the baseline; its K/V are what the
             frozen model computes for those embeddings, so it plugs into the same cache machinery.
 A fifth kind, "dynamic", depends on the input (a bank of K/V prefixes mixed per row by a router): it is its own
-class, `rlprefix.prefixes.dynamic.DynamicPrefix`, which `for_model` / `from_text` build for kind "dynamic".
+class, `rlprefix.prefixes.dynamic.DynamicPrefix`, which `for_model` / `from_text` build for kind "dynamic"; a sixth,
+"image", depends on an image (`rlprefix.prefixes.image.ImagePrefix`: an image feature mapped to the prefix).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from rlprefix.prefixes.artifacts import load_prefix, register_kind, save_prefix
 from rlprefix.models.adapter import text_kv
 from rlprefix.models.spec import KVSpec, kv_spec
 from rlprefix.prefixes.dynamic import DynamicPrefix
+from rlprefix.prefixes.image import ImagePrefix
 from rlprefix.prefixes import kv, mlp, prompt, shared
 
-PrefixKind = Literal["kv", "mlp", "prompt", "shared", "dynamic"]
+PrefixKind = Literal["kv", "mlp", "prompt", "shared", "dynamic", "image"]
 KIND_MODULES = {"kv": kv, "mlp": mlp, "prompt": prompt, "shared": shared}  # each kind's fields and K/V
 KINDS = tuple(KIND_MODULES)
 
@@ -70,6 +72,8 @@ class Prefix(nn.Module):
         `bank_size` entries)."""
         if kind == "dynamic":
             return DynamicPrefix(kv_spec(model), length, **kw)
+        if kind == "image":  # needs feature_dim= (the image encoder's feature size)
+            return ImagePrefix(kv_spec(model), length, **kw)
         return cls(kv_spec(model), length, kind, **kw)
 
     @classmethod
@@ -91,6 +95,8 @@ class Prefix(nn.Module):
             ids = ids + tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([ids[:length]], device=model.device)
         spec = kv_spec(model)
+        if kind == "image":  # the text's K/V (form kv) or embeddings (form embedding) (rlprefix.prefixes.image)
+            return ImagePrefix.from_ids(model, ids[0].tolist(), **kw)
         if kind == "dynamic":  # every bank entry starts at the text's K/V (see rlprefix.prefixes.dynamic)
             return DynamicPrefix(spec, length, init_kv=text_kv(model, ids[0].tolist()), init_ids=ids[0].tolist(), **kw)
         if kind == "prompt":

@@ -156,6 +156,13 @@ class Seq2SeqExample(SFTExample):
     source_ids: list[int]
 
 
+@dataclass
+class ConditionedExample(SFTExample):
+    """An example for an image prefix: `condition` is its image's feature (the prefix's encoder's), which the
+    batch carries as `condition` [rows, feature_dim] for the prefix to bind."""
+    condition: list[float]
+
+
 def _split_messages(messages) -> tuple[list[dict], str]:
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a 'messages' example must end with an assistant message (its content is the target)")
@@ -221,4 +228,6 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tens
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if examples and isinstance(examples[0], Seq2SeqExample):
         batch["source_ids"], batch["source_mask"] = _pad_right([e.source_ids for e in examples], pad_id)
+    if examples and isinstance(examples[0], ConditionedExample):
+        batch["condition"] = torch.tensor([e.condition for e in examples], dtype=torch.float32)
     return batch

@@ -10,6 +10,7 @@ from rlprefix.distributed import collectives as sharding
 from rlprefix.train.data import load_records, require_columns
 from rlprefix.prefixes.dynamic import is_input_conditioned, refusal
 from rlprefix.decoding.bank import PrefixBank
+from rlprefix.images.conditions import image_column, is_image_prefix, with_images
 from rlprefix.decoding.engine import sample
 from rlprefix.decoding.prompts import encode_prompts
 from rlprefix.models.adapter import score_completions
@@ -97,6 +98,8 @@ def _batch(model, tokenizer, chunk: list[dict], seeds: list[int], scorer, dynami
     p = [r["prompt"] for r in chunk]
     cols = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
     ids, mask = encode_prompts(tokenizer, p, chat, system, device=model.device)
+    if is_image_prefix(dynamic):  # each row's image through the prefix's encoder
+        dynamic = with_images(dynamic, image_column(cols))
     n = len(chunk)
     index = torch.tensor([slots[k] for k in keys]).repeat_interleave(n)
     roll = sample(model, tokenizer, ids.repeat(len(keys), 1), mask.repeat(len(keys), 1), dynamic, bank=bank,

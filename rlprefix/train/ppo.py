@@ -35,6 +35,7 @@ import torch
 
 from rlprefix.distributed.groups import Dist
 from rlprefix.guards import assert_finite
+from rlprefix.images.conditions import NEEDS_IMAGES, image_features, is_image_prefix
 from rlprefix.prefixes.dynamic import is_input_conditioned, refusal
 from rlprefix.prefixes.prefix import Prefix
 from rlprefix.settings import CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of, setting
@@ -153,11 +154,18 @@ class _Setup:
     kl_ctl: AdaptiveKLController
     shard: BatchShard
     dist: Dist
+    features: torch.Tensor | None = None  # an image prefix: every prompt's image feature (its encoder's), once
 
     def prompts_at(self, step: int) -> tuple[list[str], dict[str, list]]:
         """This process's prompts at `step` (each repeated group_size times) and their reward columns."""
         rows = self.ds.select(self.shard.prompt_indices(step))
         return list(rows["prompt"]), {c: list(rows[c]) for c in self.ds.column_names if c != "prompt"}
+
+    def policy_at(self, prefix, step: int):
+        """What samples and trains at `step`: the prefix, bound to the step's images for an image prefix."""
+        if self.features is None:
+            return prefix
+        return prefix.bind(self.features[self.shard.prompt_indices(step)])
 
     def state(self) -> tuple[dict, dict]:
         tensors = {"ref_kv": self.ref_kv} if self.ref_kv is not None else {}
@@ -178,6 +186,15 @@ def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dis
     """Data, reward hygiene, reference, value head (gae) and optimiser."""
     ds = load_records(prompts)
     require_columns(ds, ["prompt"], "PPO")
+    features = None
+    if is_image_prefix(prefix):  # every prompt's image through the prefix's encoder, once; rewards get images=
+        if "image" in ds.column_names and "images" not in ds.column_names:
+            ds = ds.rename_column("image", "images")
+        if "images" not in ds.column_names:
+            raise ValueError(f"PPO: {NEEDS_IMAGES} (the prompts have columns {ds.column_names})")
+        features = image_features(prefix, ds["images"])
+        if not bool(prefix.mean.any()):
+            prefix.fit_features(features)
     scorer = reward if isinstance(reward, Scorer) else Scorer(
         reward, on_error=cfg.on_reward_error, penalty=cfg.reward_penalty, clip=cfg.reward_clip,
         normalize=cfg.reward_normalize)
@@ -194,7 +211,7 @@ def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dis
                           "name": "prefix"})
     opt = torch.optim.Adam(groups, eps=1e-5) if groups else None  # None: nothing to train (an empty prefix)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return _Setup(ds, scorer, ref_kv, value_head, groups, opt, kl_ctl, BatchShard(cfg, len(ds), dist), dist)
+    return _Setup(ds, scorer, ref_kv, value_head, groups, opt, kl_ctl, BatchShard(cfg, len(ds), dist), dist, features)
 
 
 def _stage_run(s: _Setup, prefix: Prefix, cfg: PPOConfig, output_dir, resume: bool, on_step, tensorboard: bool
@@ -263,8 +280,9 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     while run.step < cfg.steps:
         step, laps = run.step, Laps()
         batch_prompts, columns = s.prompts_at(step)
+        policy = s.policy_at(prefix, step)  # an image prefix: bound to this step's images
         # 1. sample group_size completions per prompt with the current prefix
-        roll = rollout(model, tokenizer, prefix, batch_prompts, cfg, s.shard.row_seeds(step))
+        roll = rollout(model, tokenizer, policy, batch_prompts, cfg, s.shard.row_seeds(step))
         laps.lap("generate")
         # 2. score them (NaN for a row where no reward applies)
         scores, reward_metrics = score(s.scorer, batch_prompts, roll, columns, model.device)
@@ -274,7 +292,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         batch = advantages(roll, scores, ref_lp, s.value_head, cfg, s.kl_ctl.value, s.shard, dist)
         laps.lap("reference")
         # 5. the clipped-surrogate update
-        update_stats = ppo_update(model, prefix, s.value_head, s.opt, s.groups, batch, s.shard, step, cfg,
+        update_stats = ppo_update(model, policy, s.value_head, s.opt, s.groups, batch, s.shard, step, cfg,
                                   s.kl_ctl.value, dist)
         assert_finite("PPO update (prefix or advantages)", step + 1, batch.advantages, *prefix.parameters())
         laps.lap("train")

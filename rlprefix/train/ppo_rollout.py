@@ -105,6 +105,8 @@ def reference_logprobs(model, roll: Rollout, ref_kv, temperature: float) -> torc
 def policy_scores(model, prefix: Prefix, roll: Rollout, rows: torch.Tensor, temperature: float,
                   output_hidden: bool) -> SequenceScores:
     """The policy's differentiable forward on rows `rows` of the rollout: log-probs, logits (and hidden states)."""
+    if hasattr(prefix, "select"):  # an image prefix bound to the batch's images: this minibatch's rows
+        prefix = prefix.select(rows)
     return score_completions(model, roll.prompt_ids[rows], roll.prompt_mask[rows], roll.completion_ids[rows],
                              roll.completion_mask[rows], prefix, temperature=temperature, output_hidden=output_hidden)
 

@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rlprefix.train.data import SFTExample, collate_sft, load_records, tokenize_sft
+from rlprefix.train.data import ConditionedExample, SFTExample, collate_sft, load_records, tokenize_sft
 from rlprefix.distributed.groups import Dist
 from rlprefix.prefixes.dynamic import is_input_conditioned
+from rlprefix.images.conditions import NEEDS_IMAGES, image_column, image_features, is_image_prefix
 from rlprefix.train.general_text import BUILTIN, forgetting_record, perplexity, load_passages, mix_in, split_passages, text_examples
 from rlprefix.guards import assert_finite
 from rlprefix.prefixes.prefix import Prefix
@@ -119,6 +120,8 @@ def completion_nll(model, prefix, batch: dict, precision: str = "fp32") -> tuple
     """Summed next-token NLL over completion tokens (labels != -100), and how many there were. An
     input-conditioned prefix routes on the prompt tokens (real tokens without a label), as at generation."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "condition" in batch:  # an image prefix: each row's image feature
+        prefix = prefix.bind(batch.pop("condition"))
     with _autocast(model, precision):
         logits = sft_logits(model, batch, prefix)
     targets = batch["labels"][:, 1:]
@@ -234,13 +237,31 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
     general, n_task = [], len(train)
     if cfg.mix_ratio > 0:  # general text is plain language-model text
         family.require("general_text", model, hint=f"set warm_start.mix_ratio: {cfg.mix_ratio} to 0")
-    if family.supports("general_text") and cfg.mix_data is not None and (cfg.mix_ratio > 0 or cfg.forgetting_eval > 0):
+    if is_image_prefix(prefix):  # each example carries its image's feature; general text has no image
+        train, evals = _with_images(prefix, train, train_ds, cfg), _with_images(prefix, evals, eval_ds, cfg)
+    elif family.supports("general_text") and cfg.mix_data is not None and (cfg.mix_ratio > 0 or cfg.forgetting_eval > 0):
         pool, held_out = split_passages(load_passages(cfg.mix_data), cfg.forgetting_eval, cfg.seed)
         train = mix_in(train, text_examples(pool, tokenizer, cfg.max_length), cfg.mix_ratio, cfg.seed)
         general = text_examples(held_out, tokenizer, cfg.max_length)
-    if is_input_conditioned(prefix) and not bool(prefix.centre.any()):  # the router's centre: the training prompts
+    # a dynamic prefix's router centre: the training prompts
+    if is_input_conditioned(prefix) and not is_image_prefix(prefix) and not bool(prefix.centre.any()):
         prefix.fit_centre(model, _prompt_batches(train[:n_task], pad_id))
     return _Data(train, evals, pad_id, cfg, general, len(train) - n_task)
+
+
+def _with_images(prefix, examples: list[SFTExample], ds, cfg: WarmStartConfig) -> list[ConditionedExample]:
+    """The examples with their images' features (the prefix's encoder); the feature standardisation is fitted on the
+    first set given (the training examples) while it is unset."""
+    if cfg.mix_ratio > 0:
+        raise ValueError(f"an image prefix trains on image-caption pairs only: general text has no image (set "
+                         f"warm_start.mix_ratio: {cfg.mix_ratio} to 0)")
+    images = image_column({c: ds[c] for c in ds.column_names if c in ("images", "image")})
+    if images is None:
+        raise ValueError(f"warm start: {NEEDS_IMAGES} (the data has columns {ds.column_names})")
+    feats = image_features(prefix, images)
+    if not bool(prefix.mean.any()):
+        prefix.fit_features(feats)
+    return [ConditionedExample(e.input_ids, e.labels, f) for e, f in zip(examples, feats.tolist())]
 
 
 def _prompt_batches(examples: list[SFTExample], pad_id: int, size: int = 16):

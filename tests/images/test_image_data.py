@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from rewards import build_reward
-from rlprefix.train.image_data import (combinations, digits_task, from_dataset, load_caption_jsonl, load_image,
+from rlprefix.images.data import (combinations, digits_task, from_dataset, load_caption_jsonl, load_image,
                                        load_image_captions, shapes_task)
 
 

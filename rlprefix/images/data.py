@@ -185,3 +185,10 @@ def load_image_captions(spec: str, n: int | None = None, seed: int = 0) -> list[
             return digits_task(split, n)
         raise ValueError(f"unknown built-in image data {spec!r}: use builtin:shapes or builtin:digits")
     return load_caption_jsonl(spec)[:n]
+
+
+def caption_records(spec: str, prompt: str, n: int | None = None) -> list[dict]:
+    """Image-caption data as any stage's rows: the `prompt`, the caption as the warm start's `completion` and as the
+    rewards' `captions` column, and the image (`images`, the keyword rewards receive)."""
+    return [{"prompt": prompt, "completion": x.caption, "captions": x.caption, "images": x.image}
+            for x in load_image_captions(spec, n)]

@@ -6,7 +6,7 @@ Two kinds, one interface (`encode(images) -> [B, dim]`, `dim`, `reference`):
   PIL-based one: rlprefix does not need torchvision). The feature is the pooled output, else the mean token.
 - `SmallCNNEncoder`: the embedded default, a small CNN (`SmallCNN`) for rlprefix's built-in image data, stored as
   safetensors + JSON. It is not CLIP: it knows coloured shapes and digits, nothing else. It is trained
-  deterministically at first use by `rlprefix.train.vision_encoder` (seconds on a CPU).
+  deterministically at first use by `rlprefix.images.embedded` (seconds on a CPU).
 
 `reference` is what an artifact records to find the encoder again (never the weights of a transformers encoder)."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from ..files import load_tensors, read_json
-from .loading import freeze
+from rlprefix.files import load_tensors, read_json
+from rlprefix.models.loading import freeze
 
 SMALL_CNN = "rlprefix-small-cnn"  # the name an artifact records for the embedded default
 CNN_FILES = ("encoder.safetensors", "encoder.json")

@@ -1,4 +1,4 @@
-"""The embedded default image encoder, trained at first use: a small CNN (`rlprefix.models.vision.SmallCNN`)
+"""The embedded default image encoder, trained at first use: a small CNN (`rlprefix.images.encoders.SmallCNN`)
 learns the built-in data's attributes (colour, shape, position of the training scenes; the digit of the training
 digits) in seconds on a CPU, deterministically, and is cached as safetensors + JSON (never pickle).
 
@@ -12,10 +12,10 @@ from torch import nn
 
 from rewards.images import COLOURS, DIGIT_WORDS, POSITIONS, SHAPES
 
-from ..files import atomic_save_tensors, atomic_write_json, json_hash
-from ..models.loading import cache_dir
-from ..models.vision import CNN_FILES, SmallCNN, SmallCNNEncoder, pixels
-from .image_data import digits_task, shapes_task
+from rlprefix.files import atomic_save_tensors, atomic_write_json, json_hash
+from rlprefix.images.data import digits_task, shapes_task
+from rlprefix.images.encoders import CNN_FILES, SMALL_CNN, SmallCNN, SmallCNNEncoder, load_vision_encoder, pixels
+from rlprefix.models.loading import cache_dir
 
 VERSION = 1
 HEADS = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS), "digit": DIGIT_WORDS}
@@ -67,3 +67,12 @@ def default_encoder(folder: str | Path | None = None, steps: int = 300) -> Small
         atomic_save_tensors(folder / CNN_FILES[0], state)
         atomic_write_json(folder / CNN_FILES[1], meta)  # written last: its presence means complete
     return SmallCNNEncoder.load(folder)
+
+
+def open_encoder(reference: str | dict | None = None):
+    """The encoder an image prefix names: None or "rlprefix-small-cnn" (the embedded default), a folder with the
+    small CNN's files, or a transformers vision encoder by hub id or folder (a reference dict as encoders give)."""
+    name = reference.get("name") if isinstance(reference, dict) else reference
+    if name in (None, SMALL_CNN, "builtin"):
+        return default_encoder()
+    return load_vision_encoder(str(name))

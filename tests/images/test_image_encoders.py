@@ -7,9 +7,9 @@ import torch
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
                           ViTConfig, ViTImageProcessor, ViTModel)
 
-import rlprefix.train.vision_encoder as ve
-from rlprefix.models.vision import SmallCNNEncoder, TransformersVisionEncoder, load_vision_encoder
-from rlprefix.train.image_data import shapes_task
+import rlprefix.images.embedded as ve
+from rlprefix.images.encoders import SmallCNNEncoder, TransformersVisionEncoder, load_vision_encoder
+from rlprefix.images.data import shapes_task
 
 TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=8)
