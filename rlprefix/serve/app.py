@@ -14,7 +14,8 @@ next step.
 The package, by concept: this module assembles the app and runs it (startup, shutdown with a drain deadline);
 `server` holds the state and prepares requests off the event loop; `routes` and `replies` are the HTTP side;
 `guard` the API key, body limit and metric labels; `calls` and `text` a request's rows on the event loop;
-`batcher`, `continuous` and `slots` the decode thread; `store` the prefixes; `protocol` the OpenAI wire format.
+`batcher`, `continuous` and `slots` the decode thread; `store` the prefixes; `image_input` a request's image for an
+image prefix; `protocol` the OpenAI wire format.
 """
 from __future__ import annotations
 

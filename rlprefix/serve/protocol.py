@@ -71,21 +71,42 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _text_parts(cls, content):
-        """Only text parts, each with a string `text` (the model reads text: an image or audio part is refused,
-        not dropped)."""
+    def _parts(cls, content):
+        """Text parts, each with a string `text`, and image parts (`image_url`: {"url": ...} or the URL string),
+        which only an image prefix takes (`rlprefix.serve.image_input`); an audio or other part is refused, not
+        dropped."""
         for i, part in enumerate(content if isinstance(content, list) else ()):
-            if part.get("type") != "text":
-                raise ValueError(f"content part {i} has type {str(part.get('type'))[:40]!r}; only 'text' parts are "
-                                 f"supported")
+            kind = part.get("type")
+            if kind == "image_url":
+                if image_url(part) is None:
+                    raise ValueError(f"content part {i} needs 'image_url': {{'url': a string}}")
+                continue
+            if kind != "text":
+                raise ValueError(f"content part {i} has type {str(kind)[:40]!r}; only 'text' and 'image_url' parts "
+                                 f"are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"content part {i} needs a string 'text'")
         return content
 
     def text(self) -> str:
+        """The message's text: its text parts joined (image parts are the prefix's condition, not text)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part["text"] for part in self.content)
+        return "".join(part["text"] for part in self.content if part.get("type") == "text")
+
+    def images(self) -> list[str]:
+        """The URLs of its image parts."""
+        if isinstance(self.content, str):
+            return []
+        return [image_url(part) for part in self.content if part.get("type") == "image_url"]
+
+
+def image_url(part: dict) -> str | None:
+    """The URL of an image_url content part (OpenAI's {"url": ..., "detail": ...} or a bare string), None if it has
+    none."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    return url if isinstance(url, str) else None
 
 
 class ChatRequest(_Sampling):
@@ -100,6 +121,14 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def image(self) -> tuple[str, str] | None:
+        """(param naming its content, URL) of the request's one image, None without one; a second image is a 400."""
+        found = [(f"messages.{i}.content", url) for i, m in enumerate(self.messages) for url in m.images()]
+        if len(found) > 1:
+            raise APIError(400, f"a request may hold at most one image; it holds {len(found)} (the second in "
+                           f"{found[1][0]})", found[1][0])
+        return found[0] if found else None
 
 
 def parse_body(raw: bytes) -> dict:

@@ -2,7 +2,8 @@
 (parse, validate, tokenise, fit the context) off the event loop, and queueing its rows.
 
 Preparation runs on one worker thread (`off_loop`), so a long prompt or chat template never holds up the event loop
-(`/health`, other requests' streams), and one thread calls the tokenizer at a time. Before tokenising, a prompt longer
+(`/health`, other requests' streams), and one thread calls the tokenizer at a time; a request's image goes through
+its image prefix's encoder there too (`image_input`). Before tokenising, a prompt longer
 than the context could hold in any tokenisation (more characters than the context times the longest token, twice
 over for normalisation) is refused at once, so tokenising is bounded by the context, not by the body.
 """
@@ -20,6 +21,7 @@ from rlprefix.models import family_of
 from rlprefix.serve.batcher import Batcher, Row
 from rlprefix.serve.calls import Call, RowSink
 from rlprefix.serve.continuous import BankCache, RunningBatch
+from rlprefix.serve.image_input import request_kv
 from rlprefix.serve.metrics import Metrics
 from rlprefix.serve.protocol import APIError, ChatRequest, CompletionRequest, parse_body, validate
 from rlprefix.serve.store import PrefixStore, ServedPrefix
@@ -47,10 +49,12 @@ def longest_token(tok) -> int:
 
 @dataclass
 class Job:
-    """A request ready to decode: validated, its prefix resolved, its prompts tokenised and fitted to the context."""
+    """A request ready to decode: validated, its prefix resolved (and, for an image prefix, its image turned into its
+    K/V), its prompts tokenised and fitted to the context."""
     req: CompletionRequest | ChatRequest
     chat: bool
     entry: ServedPrefix
+    kv: object                    # its rows' K/V [layers, 2, P, kv_dim]: the entry's, or its image's; None: base
     prompts: list[list[int]]
     echo: list[str]               # per prompt: the text a choice repeats before its completion ("" unless echo)
     max_tokens: int
@@ -132,7 +136,9 @@ class Server:
             echo = [p if isinstance(p, str) else self.tok.decode(p, skip_special_tokens=True)
                     for p in _prompt_list(req.prompt)] if req.echo else [""] * len(prompts)
         max_tokens = self.check_context(entry, prompts, max_tokens, "messages" if chat else "prompt")
-        return Job(req, chat, entry, prompts, echo, max_tokens, req.stops(), top)
+        stops = req.stops()
+        kv = request_kv(entry, self.model, req.image() if chat else None, chat)  # last: the costliest check
+        return Job(req, chat, entry, kv, prompts, echo, max_tokens, stops, top)
 
     def _check_chars(self, chars: int, field: str) -> None:
         if chars > self.max_prompt_chars:
@@ -192,7 +198,7 @@ class Server:
                 seed = req.seed + j if req.seed is not None else secrets.randbits(62)
                 sink = RowSink(loop, TextStream(self.tok, job.stops), set() if req.ignore_eos else self.eos,
                                job.max_tokens, call.wake, logprobs=job.top is not None)
-                row = Row(job.entry.name, job.entry.kv, ids, job.max_tokens, req.temperature, req.top_p, seed,
+                row = Row(job.entry.name, job.kv, ids, job.max_tokens, req.temperature, req.top_p, seed,
                           sink=sink if req.stream or job.stops else None, logprobs=job.top, ignore_eos=req.ignore_eos)
                 call.add(row, sink)
                 self.batcher.submit(row)

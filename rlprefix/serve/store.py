@@ -1,6 +1,8 @@
 """The prefixes a server offers: every artifact directory under a root, by directory name, plus `base`.
 
-Each entry keeps its K/V ([layers, 2, P, kv_dim], on the model's device) computed once at load. A rescan
+Each entry keeps its K/V ([layers, 2, P, kv_dim], on the model's device) computed once at load; an image prefix
+(kind "image") has no single K/V and is kept itself, with its encoder opened and checked at load: each request's
+image gives that request's K/V (`image_input`). Other input-conditioned prefixes (kind "dynamic") are refused. A rescan
 loads new or changed directories and drops removed ones. Every artifact is validated where the format is
 (`rlprefix.prefixes.artifacts`: each manifest or adapter-config field, finite tensors, the K/V's shape and
 finiteness in the model's dtype); a directory that fails (a damaged file, a prefix for another architecture,
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlprefix.images.conditions import encoder_for, is_image_prefix
 from rlprefix.prefixes.artifacts import load_prefix, validate_kv
 from rlprefix.files import MANIFEST_FILE, ArtifactError
 from rlprefix.prefixes.peft import PEFT_CONFIG_FILE, load_peft_kv
@@ -29,11 +32,12 @@ log = logging.getLogger("rlprefix.serve.store")
 @dataclass(frozen=True)
 class ServedPrefix:
     name: str
-    kind: str                     # base, kv, mlp, prompt, lowrank, peft
+    kind: str                     # base, kv, mlp, prompt, lowrank, peft, image
     length: int
-    kv: torch.Tensor | None       # None for the bare model
+    kv: torch.Tensor | None       # None for the bare model and for an image prefix
     path: str | None
     signature: tuple = ()
+    image: object = None          # kind image: the ImagePrefix that turns each request's image into its K/V
 
 
 def dir_signature(path: Path) -> tuple:
@@ -42,10 +46,20 @@ def dir_signature(path: Path) -> tuple:
 
 
 @torch.no_grad()
-def load_served(path: Path, model) -> tuple[str, torch.Tensor]:
-    """(kind, K/V) of an rlprefix artifact (full or compressed) or a PEFT prefix-tuning adapter directory."""
+def load_served(path: Path, model) -> tuple[str, torch.Tensor | None]:
+    """(kind, K/V) of an rlprefix artifact (full or compressed) or a PEFT prefix-tuning adapter directory; K/V None
+    for an image prefix (`load_entry` gives the prefix)."""
+    kind, kv, _ = load_entry(path, model)
+    return kind, kv
+
+
+@torch.no_grad()
+def load_entry(path: Path, model) -> tuple[str, torch.Tensor | None, object]:
+    """(kind, K/V, None), or for an image prefix ("image", None, the prefix)."""
     if (path / MANIFEST_FILE).exists():
         prefix = load_prefix(path, model)
+        if is_image_prefix(prefix):
+            return prefix.kind, None, checked_image_prefix(prefix, model, path)
         kind, kv = prefix.kind, prefix.key_values(model)
     elif (path / PEFT_CONFIG_FILE).exists():
         kind, kv = "peft", load_peft_kv(path, model)
@@ -53,7 +67,17 @@ def load_served(path: Path, model) -> tuple[str, torch.Tensor]:
         raise ArtifactError(f"{path} holds neither {MANIFEST_FILE} nor {PEFT_CONFIG_FILE}")
     kv = kv.detach().to(device=model.device, dtype=model_dtype(model))
     validate_kv(kv, kv_spec(model), path)
-    return kind, kv
+    return kind, kv, None
+
+
+def checked_image_prefix(prefix, model, path: Path):
+    """The image prefix, ready for requests: its encoder opens and gives the features it takes, and the K/V of its
+    mean feature fit the model (shape, finite in the model's dtype)."""
+    prefix.eval()
+    encoder_for(prefix)
+    kv = prefix.key_values(model, features=prefix.mean[None])[0]
+    validate_kv(kv.detach().to(device=model.device, dtype=model_dtype(model)), kv_spec(model), path)
+    return prefix
 
 
 def one_line(e: BaseException) -> str:
@@ -115,14 +139,15 @@ class PrefixStore:
                 raise OSError(f"cannot read {path}: {sig[1]}")
             if name == BASE:
                 raise ArtifactError(f"the name {BASE!r} is reserved for the bare model; rename the directory")
-            kind, kv = load_served(path, self.model)
+            kind, kv, image = load_entry(path, self.model)
         except Exception as e:  # whatever one directory holds, the others still load and the server keeps serving
             reason = one_line(e)
             log.warning("refusing prefix %r from %s: %s", name, path, reason)
             self._refused[name] = (sig, reason)
             report["refused"][name] = reason
             return None
-        log.info("serving prefix %r (%s, %d virtual tokens) from %s", name, kind, kv.shape[2], path)
+        length = image.length if image is not None else int(kv.shape[2])
+        log.info("serving prefix %r (%s, %d virtual tokens) from %s", name, kind, length, path)
         report["loaded"].append(name)
         self._refused.pop(name, None)
-        return ServedPrefix(name, kind, int(kv.shape[2]), kv, str(path), sig)
+        return ServedPrefix(name, kind, length, kv, str(path), sig, image)
