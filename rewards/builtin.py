@@ -1,4 +1,5 @@
-"""Built-in rewards: sentiment, similarity, keywords, regex, length, fluency, classifier. All batched."""
+"""Built-in rewards: sentiment, similarity, embedding_classifier, keywords, regex, length, fluency, classifier.
+All batched."""
 from __future__ import annotations
 
 import functools
@@ -78,6 +79,52 @@ class Similarity(Reward):
                                   normalize_embeddings=True, show_progress_bar=False)
         n = len(completions)
         return (emb[:n] * emb[n:]).sum(-1).tolist()
+
+
+@register("embedding_classifier")
+class EmbeddingClassifier(Reward):
+    """Probability of `target` from a logistic-regression head on sentence embeddings (SetFit-style), fit when
+    built on labelled `examples` ({label: [texts]}): full-batch Adam from zeros, a fixed number of steps, L2 `l2`,
+    so the same examples give the same classifier (offline, deterministic). `encoder`: as in similarity."""
+
+    name = "embedding_classifier"
+
+    def __init__(self, examples: dict[str, list[str]], target: str, encoder: str | None = None, device: str = "cpu",
+                 steps: int = 200, l2: float = 1e-2, batch_size: int = 64):
+        super().__init__()
+        labels = list(examples)
+        if len(labels) < 2 or any(not examples[k] for k in labels):
+            raise ValueError(f"embedding_classifier needs examples for >= 2 labels, each non-empty; got "
+                             f"{ {k: len(v) for k, v in examples.items()} }")
+        if target not in labels:
+            raise ValueError(f"embedding_classifier: target {target!r} is not a label of the examples: {labels}")
+        self.encoder = sentence_encoder(encoder or default_sentence_model(), str(device))
+        self.batch_size, self.target = batch_size, labels.index(target)
+        texts = [t for k in labels for t in examples[k]]
+        y = torch.tensor([i for i, k in enumerate(labels) for _ in examples[k]])
+        self.weight, self.bias = self._fit(self._embed(texts), y, len(labels), steps, l2)
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        emb = self.encoder.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+        return emb.detach().float().cpu().clone()  # a normal tensor (encode may run in inference mode)
+
+    @staticmethod
+    def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int, l2: float):
+        w = torch.zeros(x.shape[1], classes, requires_grad=True)
+        b = torch.zeros(classes, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.1)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * w.pow(2).sum()
+                loss.backward()
+                opt.step()
+        return w.detach(), b.detach()
+
+    @torch.no_grad()
+    def score(self, prompts, completions, **columns):
+        return torch.softmax(self._embed(completions) @ self.weight + self.bias, -1)[:, self.target].tolist()
 
 
 @register("keywords")
