@@ -232,3 +232,34 @@ def test_image_run_refuses_unreadable_caption_data_before_loading_the_model(tmp_
                            export={"formats": ["rlprefix"]})
     assert main(["run", str(path)]) == 2
     assert not (tmp_path / "run" / "prefix_warmstart").exists()
+
+
+def test_image_prefix_on_a_transformers_vision_encoder(tmp_path, scenes):
+    """Any transformers vision encoder by folder (here a tiny random CLIP vision model): the prefix records the
+    folder, a warm start trains through its features, and the saved prefix finds it again."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    folder = str(tmp_path / "clip")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prefix = Prefix.for_model(model, 3, "image", form="kv", feature_dim=32, encoder=folder, hidden=16, basis=2,
+                              generator=torch.Generator().manual_seed(0))
+    rows = caption_records("builtin:shapes", PROMPT, n=8)
+    try:
+        warm_start(model, tok, prefix, rows, WarmStartConfig(steps=2, batch_size=4, eval_every=2, progress=False))
+    except ImportError as e:  # transformers 5.4 (the oldest tested) loads image processors only with torchvision
+        if "Torchvision" not in str(e):
+            raise
+        pytest.skip("this transformers' image processors need torchvision, which the CPU torch file here lacks")
+    images = [s.image for s in scenes[:2]]
+    out = generate(model, tok, [PROMPT] * 2, prefix, images=images, do_sample=False, max_new_tokens=4)
+    prefix.save(tmp_path / "p")
+    again = load_prefix(tmp_path / "p", model)
+    assert again.encoder == folder and again.feature_dim == 32
+    assert generate(model, tok, [PROMPT] * 2, again, images=images, do_sample=False, max_new_tokens=4) == out
+    wrong = Prefix.for_model(model, 3, "image", feature_dim=64, encoder=folder, hidden=16, basis=2)
+    with pytest.raises(ValueError, match="takes 64-d features but its encoder .* gives 32-d ones"):
+        generate(model, tok, [PROMPT], wrong, images=images[:1], max_new_tokens=2)
