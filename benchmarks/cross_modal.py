@@ -12,7 +12,8 @@ never drawn in training) and `builtin:digits` (scikit-learn's handwritten digits
 is the embedded small CNN (`rlprefix.images.embedded`), trained on the training splits only. The reward and the
 evaluator is `caption_correctness` (rewards/images.py: share of the reference's attributes named, minus wrong
 names), which neither side of the comparison was tuned on beyond its definition; held-out images only, the same
-sampling seed for every method, `samples` completions per image, the standard error over completions.
+sampling seed for every method, `samples` completions per image, the standard error over completions. RL keeps the
+warm-start prefix as its KL reference (`reference: initial`) for every method.
 
     python benchmarks/cross_modal.py [--tasks shapes digits] [--ws-steps 150] [--rl-steps 20] [--quick]
 """
@@ -80,7 +81,7 @@ def run_method(model, tok, task: str, method: str, rows, reward, dim: int, args)
                 **held_out(model, tok, prefix, ev, reward, args)})
     ppo_cfg = PPOConfig(steps=args.rl_steps, batch_size=16, group_size=4, minibatch_size=8,
                         max_new_tokens=args.max_new_tokens, lr=args.rl_lr if method != "text-only" else 1e-2,
-                        progress=False)
+                        reference="initial", progress=False)
     t = time.perf_counter()
     ppo(model, tok, prefix, rl, reward, ppo_cfg, output_dir=tempfile.mkdtemp())
     rl_time = time.perf_counter() - t

@@ -159,8 +159,6 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError("warm_start.data: required when warm_start.enabled is true (a JSONL/CSV/Parquet file "
                           "with prompt/completion columns)")
     if cfg.prefix.kind in ("dynamic", "image"):  # input-conditioned: no single K/V to keep, compress or put in PEFT
-        if cfg.ppo.enabled and cfg.ppo.reference == "initial":
-            raise ConfigError(REFUSALS["reference"])
         if cfg.compress.enabled:
             raise ConfigError(f"compress.enabled: {REFUSALS['compress']}")
         if "peft" in cfg.export.formats:

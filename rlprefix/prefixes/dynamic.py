@@ -42,15 +42,13 @@ from rlprefix.models.spec import KVSpec
 WHAT = "an input-conditioned prefix (kind dynamic or image)"
 REFUSALS = {
     "single_kv": f"{WHAT} has no single K/V: its K/V depend on each input, a prompt or an image (per-row K/V "
-                 f"come from its prompts or images); it cannot be merged, compressed, exported to PEFT or used as a "
-                 f"fixed KL reference",
+                 f"come from its prompts or images); it cannot be merged, compressed, exported to PEFT or kept as one "
+                 f"fixed K/V",
     "merge": f"{WHAT} cannot be merged: its parameters are already its final form (no single K/V)",
     "compress": f"compression factorises one fixed prefix; {WHAT} has a K/V per input (set compress.enabled: false)",
     "peft": f"PEFT prefix tuning cannot express {WHAT}: a PEFT adapter holds one fixed prefix for every input, this "
             f"prefix's K/V change with each input; export it in the rlprefix format instead "
             f"(export.formats: [rlprefix])",
-    "reference": f"ppo.reference: initial keeps one fixed reference K/V, which {WHAT} does not have; use "
-                 f"ppo.reference: base",
     "bank": f"{WHAT}'s K/V depend on each input, so it cannot share a bank with other prefixes (or the base model) "
             f"or join an ensemble; pass it alone as `prefix`",
 }

@@ -22,7 +22,7 @@ batch. The standardisation (`mean`, `std`, buffers saved with the prefix) is fit
 (`fit_features`), so the mapper's input scale does not depend on the encoder's.
 
 What it refuses, with the dynamic prefix's wording where it is the same reason: merging, compression, PEFT export,
-a fixed KL reference (`ppo.reference: initial`), sharing a bank with other prefixes; and encoder-decoder models
+sharing a bank with other prefixes; and encoder-decoder models
 (decoder-only models only, for now).
 """
 from __future__ import annotations

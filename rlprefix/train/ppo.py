@@ -27,6 +27,7 @@ step 5 in `rlprefix.train.ppo_update`; the critic in `rlprefix.train.value_head`
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ import torch
 from rlprefix.distributed.groups import Dist
 from rlprefix.guards import assert_finite
 from rlprefix.images.conditions import NEEDS_IMAGES, image_features, is_image_prefix
-from rlprefix.prefixes.dynamic import is_input_conditioned, refusal
+from rlprefix.prefixes.dynamic import is_input_conditioned
 from rlprefix.prefixes.prefix import Prefix
 from rlprefix.settings import CLOSED_UNIT, NONNEG, POSITIVE, UNIT, ConfigError, Settings, one_of, setting
 from rlprefix.train.data import load_records, require_columns
@@ -148,6 +149,9 @@ class _Setup:
     ds: object                   # datasets.Dataset with a `prompt` column (+ reward columns)
     scorer: Scorer
     ref_kv: torch.Tensor | None  # the reference prefix's K/V (reference: initial), None for the base model
+    # reference: initial for an input-conditioned prefix (dynamic, image): a frozen copy of the prefix as RL began
+    # (its K/V are per row, so the reference is the small prefix itself, never a second model)
+    ref_prefix: torch.nn.Module | None
     value_head: ValueHead | None
     groups: list[dict]           # the optimiser's parameter groups
     opt: torch.optim.Optimizer | None
@@ -169,6 +173,8 @@ class _Setup:
 
     def state(self) -> tuple[dict, dict]:
         tensors = {"ref_kv": self.ref_kv} if self.ref_kv is not None else {}
+        if self.ref_prefix is not None:
+            tensors.update({f"ref.{k}": v for k, v in self.ref_prefix.state_dict().items()})
         return tensors, {"kl_coef": self.kl_ctl.value, "scorer": self.scorer.state_dict(),
                          "world_size": self.dist.world_size}
 
@@ -178,8 +184,17 @@ class _Setup:
                              f"same number (now {self.dist.world_size})")
         if self.ref_kv is not None:
             self.ref_kv.copy_(tensors["ref_kv"])
+        if self.ref_prefix is not None:
+            self.ref_prefix.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ref.")})
         self.kl_ctl.value = meta["kl_coef"]
         self.scorer.load_state_dict(meta["scorer"])
+
+    def reference_for(self, policy):
+        """What the reference log-probs are scored with: the reference K/V, or the frozen copy of an
+        input-conditioned prefix (an image prefix's bound to the same rows' images); None: the base model."""
+        if self.ref_prefix is None:
+            return self.ref_kv
+        return self.ref_prefix.bind(policy.features) if is_image_prefix(policy) else self.ref_prefix
 
 
 def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dist: Dist) -> _Setup:
@@ -201,7 +216,9 @@ def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dis
     if dist.world_size > 1:
         scorer.gather = dist.gather_floats  # the raw reward's statistics and normalisation use the global batch
     prefix.to(model.device)
-    ref_kv = prefix.key_values(model).detach().clone() if cfg.reference == "initial" and prefix.length else None
+    initial = cfg.reference == "initial" and prefix.length
+    ref_prefix = _frozen_copy(prefix) if initial and is_input_conditioned(prefix) else None
+    ref_kv = prefix.key_values(model).detach().clone() if initial and ref_prefix is None else None
     torch.manual_seed(cfg.seed)  # before the value head, whose init must not depend on earlier work
     value_head = (ValueHead(model.config.get_text_config().hidden_size, cfg.value_hidden).to(model.device)
                   if cfg.uses_critic else None)
@@ -211,7 +228,16 @@ def _setup(model, prefix: Prefix, prompts, reward: Callable, cfg: PPOConfig, dis
                           "name": "prefix"})
     opt = torch.optim.Adam(groups, eps=1e-5) if groups else None  # None: nothing to train (an empty prefix)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return _Setup(ds, scorer, ref_kv, value_head, groups, opt, kl_ctl, BatchShard(cfg, len(ds), dist), dist, features)
+    return _Setup(ds, scorer, ref_kv, ref_prefix, value_head, groups, opt, kl_ctl, BatchShard(cfg, len(ds), dist), dist,
+                  features)
+
+
+def _frozen_copy(prefix):
+    """The prefix as it is now, frozen: the reference of an input-conditioned prefix (reference: initial)."""
+    ref = copy.deepcopy(prefix).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def _stage_run(s: _Setup, prefix: Prefix, cfg: PPOConfig, output_dir, resume: bool, on_step, tensorboard: bool
@@ -271,8 +297,6 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     """
     cfg = config or PPOConfig()
     cfg.validate()  # again: fields may have been changed since construction
-    if is_input_conditioned(prefix) and cfg.reference == "initial":
-        raise ValueError(refusal("reference"))
     dist = dist or Dist()
     # 0. setup: data, reward hygiene, reference, value head (gae), optimiser; the run, resumed from its checkpoint
     s = _setup(model, prefix, prompts, reward, cfg, dist)
@@ -288,7 +312,7 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
         scores, reward_metrics = score(s.scorer, batch_prompts, roll, columns, model.device)
         laps.lap("score")
         # 3. reference log-probs, 4. per-token advantages
-        ref_lp = reference_logprobs(model, roll, s.ref_kv, cfg.temperature)
+        ref_lp = reference_logprobs(model, roll, s.reference_for(policy), cfg.temperature)
         batch = advantages(roll, scores, ref_lp, s.value_head, cfg, s.kl_ctl.value, s.shard, dist)
         laps.lap("reference")
         # 5. the clipped-surrogate update

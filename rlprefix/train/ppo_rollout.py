@@ -95,11 +95,13 @@ def score(scorer: Scorer, prompts: list[str], roll: Rollout, columns: dict, devi
 
 
 # ---- log-probs of the sampled tokens --------------------------------------------------------------------------
-def reference_logprobs(model, roll: Rollout, ref_kv, temperature: float) -> torch.Tensor:
-    """log p_ref of the sampled tokens: the frozen model with the reference prefix (or none)."""
+def reference_logprobs(model, roll: Rollout, ref, temperature: float) -> torch.Tensor:
+    """log p_ref of the sampled tokens: the frozen model with the reference prefix (its K/V, or a frozen
+    input-conditioned prefix) or with none (None)."""
+    kw = {"kv": ref} if ref is None or isinstance(ref, torch.Tensor) else {"prefix": ref}
     with torch.no_grad():
         return score_completions(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
-                                 kv=ref_kv, temperature=temperature).logprobs
+                                 temperature=temperature, **kw).logprobs
 
 
 def policy_scores(model, prefix: Prefix, roll: Rollout, rows: torch.Tensor, temperature: float,

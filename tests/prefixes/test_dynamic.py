@@ -144,9 +144,11 @@ def test_what_a_dynamic_prefix_refuses(tmp_path, tokenizer):
         prefix.key_values(model)
     with pytest.raises(ValueError, match=re.escape(REFUSALS["compress"])):
         compress(prefix, rank=1, model=model)
-    with pytest.raises(ValueError, match=re.escape(REFUSALS["reference"])):
-        ppo(model, tokenizer, prefix, ["hello"], lambda prompts, completions, **k: [0.0] * len(completions),
-            PPOConfig(steps=1, progress=False, reference="initial"))
+    # reference: initial is a frozen copy of the prefix (per-row K/V): the first step's KL to it is 0
+    res = ppo(model, tokenizer, prefix, ["hello", "good"], lambda prompts, completions, **k: [float(len(c)) for c in completions],
+              PPOConfig(steps=2, batch_size=4, group_size=2, minibatch_size=2, max_new_tokens=4, progress=False,
+                        reference="initial"))
+    assert abs(res.history[0]["kl"]) < 1e-4 and res.history[1]["kl"] != 0
     with pytest.raises(ValueError, match=re.escape(REFUSALS["bank"])):
         generate(model, tokenizer, PROMPTS[:2], [prefix, None])
     with pytest.raises(ValueError, match="bank_size must be >= 1"):
@@ -188,7 +190,6 @@ def test_evaluate_reward_with_a_dynamic_prefix(tokenizer):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"ppo": {"reference": "initial"}}, re.escape(REFUSALS["reference"])),
     ({}, re.escape(f"compress.enabled: {REFUSALS['compress']}")),
     ({"compress": {"enabled": False}}, re.escape(f"export.formats: {REFUSALS['peft']}")),
     ({"prefix": {"kind": "dynamic", "bank_size": 0}}, r"prefix.bank_size: 0 is out of range \(must be >= 1\)"),

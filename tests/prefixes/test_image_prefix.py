@@ -186,6 +186,27 @@ def test_image_ppo_passes_images_to_rewards_and_moves_the_mapper(form, cnn):
     assert len(res.rewards) == 4 and len(seen[-1][1]) == 4
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_image_ppo_reference_initial_is_the_prefix_as_rl_began(form, cnn, tmp_path):
+    """reference: initial keeps a frozen copy of the image prefix, bound to each step's images: the first step's KL
+    to it is 0, it stays as it was while the policy moves, and a checkpoint holds it."""
+    from rlprefix.files import load_tensors
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    rows = caption_records("builtin:shapes", PROMPT, n=8)
+    prefix = image_prefix(model, cnn, form)
+    prefix.fit_features(image_features(prefix, [r["images"] for r in rows]))  # as a warm start leaves it
+    start = {k: v.clone() for k, v in prefix.state_dict().items()}
+    cfg = PPOConfig(steps=2, batch_size=8, group_size=4, minibatch_size=4, max_new_tokens=5, lr=1e-2, progress=False,
+                    reference="initial", checkpoint_every=1)
+    res = ppo(model, tok, prefix, rows, lambda prompts, completions, **kw: [float(len(c)) for c in completions], cfg,
+              output_dir=tmp_path)
+    assert abs(res.history[0]["kl"]) < 1e-4 and res.history[1]["kl"] > 0
+    saved = {k[4:]: v for k, v in load_tensors(next(tmp_path.rglob("*.safetensors"))).items() if k.startswith("ref.")}
+    assert set(saved) == set(start) and all(torch.equal(saved[k], start[k]) for k in start)
+    assert not all(torch.equal(v, start[k]) for k, v in prefix.state_dict().items())     # the policy moved
+
+
 def test_run_with_kind_image(tmp_path, cnn):
     from rlprefix.cli import main
     from test_config import tiny_run_config
@@ -208,7 +229,6 @@ def test_run_with_kind_image(tmp_path, cnn):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"ppo": {"reference": "initial"}}, re.escape(REFUSALS["reference"])),
     ({}, re.escape(f"compress.enabled: {REFUSALS['compress']}")),
     ({"compress": {"enabled": False}}, re.escape(f"export.formats: {REFUSALS['peft']}")),
     ({"prefix": {"kind": "image", "form": "pixels"}}, r"prefix.form"),
