@@ -13,17 +13,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
 import torch
-import uvicorn
 from PIL import Image
+from test_serve_security import Live as SecurityLive
 
 from rlprefix import Prefix, generate, kv_spec, load_model
 from rlprefix.images import image_features
@@ -55,22 +52,11 @@ def image_message(url: str, text: str = PROMPT) -> list[dict]:
                                          {"type": "image_url", "image_url": {"url": url}}]}]
 
 
-class Live:
-    """The app served by uvicorn on a thread of this process, on 127.0.0.1."""
+class Live(SecurityLive):
+    """The app served by uvicorn on a thread of this process (test_serve_security's), with an `openai` client."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    log_config=None))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
+        super().__init__(app)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
