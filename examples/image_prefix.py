@@ -33,7 +33,8 @@ print(f"image prefix ({args.form}): {prefix.num_parameters():,} trainable parame
 print("before:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
 warm_start(model, tok, prefix, train, WarmStartConfig(steps=args.ws_steps, eval_every=25))
 print("after warm start:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
-ppo(model, tok, prefix, train, reward, PPOConfig(steps=args.rl_steps, batch_size=16, max_new_tokens=16, lr=1e-3))
+ppo(model, tok, prefix, train, reward, PPOConfig(steps=args.rl_steps, batch_size=16, max_new_tokens=16, lr=1e-3,
+                                                reference="initial"))
 print("after RL:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
 
 images = [r["images"] for r in heldout[:3]]
