@@ -80,7 +80,7 @@ def run_method(model, tok, task: str, method: str, rows, reward, dim: int, args)
                 "best_eval_loss": res.best_eval_loss, "seconds_per_step": ws_time / max(args.ws_steps, 1),
                 **held_out(model, tok, prefix, ev, reward, args)})
     ppo_cfg = PPOConfig(steps=args.rl_steps, batch_size=16, group_size=4, minibatch_size=8,
-                        max_new_tokens=args.max_new_tokens, lr=args.rl_lr if method != "text-only" else 1e-2,
+                        max_new_tokens=args.max_new_tokens, lr=args.rl_lr,
                         reference="initial", progress=False)
     t = time.perf_counter()
     ppo(model, tok, prefix, rl, reward, ppo_cfg, output_dir=tempfile.mkdtemp())
@@ -102,7 +102,8 @@ def main():
     ap.add_argument("--length", type=int, default=10)
     ap.add_argument("--ws-steps", type=int, default=150)
     ap.add_argument("--rl-steps", type=int, default=20)
-    ap.add_argument("--rl-lr", type=float, default=1e-3)
+    ap.add_argument("--rl-lr", type=float, default=None, help="default: each prefix kind's own (ppo.LEARNING_RATES: "
+                    "image 1e-4, the text-only kv prefix 1e-2)")
     ap.add_argument("--train", type=int, default=240, help="training images per task")
     ap.add_argument("--heldout", type=int, default=60, help="held-out images per task")
     ap.add_argument("--samples", type=int, default=2, help="completions per held-out image")

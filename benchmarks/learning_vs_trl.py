@@ -180,6 +180,7 @@ class Snapshots:
 
 def train_rlprefix(args, model, tok, reward, adapter_dir: Path, snaps: Snapshots) -> dict:
     from rlprefix import PPOConfig, Prefix, export_peft, ppo
+    from rlprefix.train.ppo import learning_rate
 
     cfg = PPOConfig(seed=args.seed, max_new_tokens=args.tokens, progress=False)
     overrides = dict(PREVIOUS_DEFAULTS) if args.method == "rlprefix-prev" else {}
@@ -191,6 +192,7 @@ def train_rlprefix(args, model, tok, reward, adapter_dir: Path, snaps: Snapshots
     if "steps" not in overrides:
         cfg.steps = max(1, args.budget // cfg.batch_size)
     prefix = Prefix.from_text(model, tok, INIT_TEXT, 16, "kv")
+    cfg.lr = learning_rate(cfg, prefix)  # ppo.lr: null is the kind's lr: the run records the value it used
 
     def on_step(step, record):
         snaps.after_step(step * cfg.batch_size, lambda path: export_peft(prefix, model, path))
@@ -652,8 +654,10 @@ def study_lrs(args) -> dict:
 
 def current_defaults() -> dict:
     from rlprefix import PPOConfig  # the parent process only
+    from rlprefix.train.ppo import learning_rate
 
     cfg = PPOConfig()
+    cfg.lr = learning_rate(cfg, None)  # null: the lr of a kv prefix, the kind every rlprefix run here trains
     return {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}
 
 

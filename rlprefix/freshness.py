@@ -22,7 +22,7 @@ from rlprefix.files import atomic_write_json, json_hash, read_json
 from rlprefix.settings import ConfigError
 from rlprefix.train.checkpoint import checkpoint_step
 from rlprefix.train.general_text import BUILTIN, source_path
-from rlprefix.train.ppo import NOT_IN_PPO_HASH
+from rlprefix.train.ppo import NOT_IN_PPO_HASH, learning_rate
 from rlprefix.train.stage_run import NOT_IN_HASH, PPO_FILES, WARM_START_FILES
 from rlprefix.train.warm_start import NOT_IN_WARM_START_HASH
 
@@ -79,12 +79,18 @@ def _prefix_fields(section) -> dict:
             and not (k in _PREFIX_KIND_ONLY and section.kind != _PREFIX_KIND_ONLY[k])}
 
 
+def _ppo_fields(cfg) -> dict:
+    """The ppo section as a stage key, with `lr: null` as the learning rate it means for the configured prefix kind
+    (so a run from before the kinds' rates, which wrote 0.01, keeps its key)."""
+    return {**asdict(cfg.ppo), "lr": learning_rate(cfg.ppo, cfg.prefix)}
+
+
 def config_key(cfg) -> str:
     """The whole config's hash, as artifact manifests record it (provenance): the image prefix's settings only for
-    kind image, so a config from before them hashes as it did."""
+    kind image, so a config from before them hashes as it did; ppo.lr as it resolves (_ppo_fields)."""
     image_only = {k for k, kind in _PREFIX_KIND_ONLY.items() if kind == "image"}  # added after bank_size
     prefix = {k: v for k, v in cfg.to_dict()["prefix"].items() if cfg.prefix.kind == "image" or k not in image_only}
-    return stage_key({**cfg.to_dict(), "prefix": prefix})
+    return stage_key({**cfg.to_dict(), "prefix": prefix, "ppo": {**cfg.to_dict()["ppo"], "lr": _ppo_fields(cfg)["lr"]}})
 
 
 # Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys
@@ -114,7 +120,7 @@ def stage_keys(cfg, eval_kw: dict) -> dict:
     prefix = stage_key(_prefix_fields(cfg.prefix), cfg.model.name, cfg.seed, content_hash(cfg.prefix.from_dir))
     ws = stage_key(prefix, _warm_start_fields(cfg.warm_start), data["ws_data"], data["ws_eval"],
                    *([data["ws_mix"]] if data["ws_mix"] else []))
-    ppo = stage_key(ws if cfg.warm_start.enabled else prefix, asdict(cfg.ppo), cfg.reward, data["prompts"])
+    ppo = stage_key(ws if cfg.warm_start.enabled else prefix, _ppo_fields(cfg), cfg.reward, data["prompts"])
     base = stage_key(cfg.model.name, cfg.reward, eval_prompts, eval_kw, eval_hash, cfg.ppo.on_reward_error,
                      cfg.ppo.reward_penalty)
     after = stage_key(ppo, cfg.ppo.enabled, ws, cfg.warm_start.enabled, base)
@@ -171,7 +177,7 @@ def ppo_parts(cfg, data: dict, start: str) -> dict:
     """What a PPO checkpoint depends on, by name: every setting its config_hash hashes (all but NOT_IN_HASH and
     NOT_IN_PPO_HASH), the reward, the prompts by content and `start`, the starting prefix's key."""
     skip = set(NOT_IN_HASH) | set(NOT_IN_PPO_HASH) | RUN_ONLY
-    parts = {f"ppo.{k}": v for k, v in asdict(cfg.ppo).items() if k not in skip}
+    parts = {f"ppo.{k}": v for k, v in _ppo_fields(cfg).items() if k not in skip}
     parts.update({"reward": cfg.reward, "ppo.prompts (content)": data["prompts"],
                   "starting prefix (warm start)": start})
     return parts

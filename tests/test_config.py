@@ -223,7 +223,7 @@ def test_run_help_lists_every_key_with_default_and_help(capsys):
     out = capsys.readouterr().out
     for section in ("model", "prefix", "reward", "warm_start", "ppo", "compress", "export", "logging"):
         assert f"\n{section}:" in out
-    assert "  lr: 0.01  # prefix learning rate (Adam) [> 0]" in out
+    assert "  lr: null  # prefix learning rate (Adam); null: the prefix kind's own (default 0.01, image 0.0001) [> 0]" in out
     assert "  batch_size: 8  # examples per micro-batch [> 0]" in out
     assert '  kind: "mlp"  # the parameterisation trained in the warm start' in out
 

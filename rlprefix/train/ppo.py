@@ -28,7 +28,7 @@ step 5 in `rlprefix.train.ppo_update`; the critic in `rlprefix.train.value_head`
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,9 +52,22 @@ from rlprefix.train.value_head import ValueHead
 # the stage's API; gae, group_advantages, BatchShard and ValueHead are re-exported from the modules that hold them
 __all__ = ["PPOConfig", "PPOResult", "ppo", "NOT_IN_PPO_HASH", "ADVANTAGES", "gae", "group_advantages",
            "BatchShard", "ValueHead", "AdaptiveKLController", "rollout", "score", "reference_logprobs",
-           "advantages", "ppo_update", "step_metrics", "held_out_reward"]
+           "advantages", "ppo_update", "step_metrics", "held_out_reward", "LEARNING_RATES", "learning_rate"]
 
 ADVANTAGES = ("rloo", "grpo", "gae")
+# `ppo.lr: null` (the default) takes the learning rate of the prefix's kind: what one Adam step may move differs by
+# orders of magnitude between plain K/V (each value moves only itself) and a mapper network (every weight moves
+# every row's K/V). kv 1e-2: docs/how-it-works.md (both seeds, every task of benchmarks/learning_vs_trl.py). image
+# 1e-4: a warm-started kv image prefix at lr 1e-3 fell from 0.90 to 0.17 training reward in 7 steps (KL 10 after
+# the first update), at 1e-4 and 3e-5 it kept it (docs/image-prefixes.md). Kinds not listed take "default".
+LEARNING_RATES = {"default": 1e-2, "image": 1e-4}
+
+
+def learning_rate(cfg: "PPOConfig", prefix) -> float:
+    """The prefix's learning rate: `cfg.lr` where set, else its kind's entry of LEARNING_RATES."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return LEARNING_RATES.get(getattr(prefix, "kind", None), LEARNING_RATES["default"])
 
 
 @dataclass
@@ -66,7 +79,8 @@ class PPOConfig(Settings):
     group_size: int = setting(4, "completions sampled per prompt (rloo/grpo need >= 2)", POSITIVE)
     minibatch_size: int = setting(8, "completions per gradient step", POSITIVE)
     epochs: int = setting(1, "passes over each rollout batch", POSITIVE)
-    lr: float = setting(1e-2, "prefix learning rate (Adam)", POSITIVE)
+    lr: float | None = setting(None, "prefix learning rate (Adam); null: the prefix kind's own ("
+                               + ", ".join(f"{k} {v:g}" for k, v in LEARNING_RATES.items()) + ")", POSITIVE)
     advantage: str = setting("rloo", "rloo | grpo | gae (see rlprefix.train.ppo)")  # checked with group_size below
     value_lr: float = setting(1e-3, "value-head learning rate (gae only)", POSITIVE)
     max_new_tokens: int = setting(40, "tokens sampled per completion", POSITIVE)
@@ -297,6 +311,8 @@ def ppo(model, tokenizer, prefix: Prefix, prompts, reward: Callable, config: PPO
     """
     cfg = config or PPOConfig()
     cfg.validate()  # again: fields may have been changed since construction
+    if cfg.lr is None:  # the kind's learning rate, resolved once: records, checkpoints and the optimiser agree
+        cfg = replace(cfg, lr=learning_rate(cfg, prefix))
     dist = dist or Dist()
     # 0. setup: data, reward hygiene, reference, value head (gae), optimiser; the run, resumed from its checkpoint
     s = _setup(model, prefix, prompts, reward, cfg, dist)

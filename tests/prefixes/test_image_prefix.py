@@ -207,6 +207,29 @@ def test_image_ppo_reference_initial_is_the_prefix_as_rl_began(form, cnn, tmp_pa
     assert not all(torch.equal(v, start[k]) for k, v in prefix.state_dict().items())     # the policy moved
 
 
+def test_image_ppo_takes_its_kinds_learning_rate_unless_one_is_set(cnn, monkeypatch):
+    """ppo.lr: null (the default) gives a mapper its kind's learning rate (1e-4: at 1e-3 RL undid a warm start on
+    the real model, docs/image-prefixes.md), plain K/V the kv rate (1e-2); a set lr is used as it is."""
+    from rlprefix.train import ppo as ppo_module
+    from rlprefix.train.ppo import LEARNING_RATES, learning_rate
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    image, kv = image_prefix(model, cnn, "kv"), Prefix.from_text(model, tok, "a b c", 3, kind="kv")
+    assert PPOConfig().lr is None and LEARNING_RATES == {"default": 1e-2, "image": 1e-4}
+    assert learning_rate(PPOConfig(), image) == 1e-4 and learning_rate(PPOConfig(), kv) == 1e-2
+    assert learning_rate(PPOConfig(lr=3e-3), image) == 3e-3
+    used = []
+    real_adam = torch.optim.Adam
+    monkeypatch.setattr(ppo_module.torch.optim, "Adam", lambda groups, **kw: used.append(groups) or real_adam(
+        groups, **kw))
+    rows = caption_records("builtin:shapes", PROMPT, n=4)
+    cfg = PPOConfig(steps=1, batch_size=4, group_size=2, minibatch_size=4, max_new_tokens=3, progress=False)
+    ppo(model, tok, image, rows, lambda prompts, completions, **kw: [float(len(c)) for c in completions], cfg)
+    ppo(model, tok, kv, [r["prompt"] for r in rows], lambda prompts, completions, **kw: [1.0] * len(completions),
+        cfg)
+    assert [g[0]["lr"] for g in used] == [1e-4, 1e-2] and cfg.lr is None  # the caller's config is left as it was
+
+
 def test_run_with_kind_image(tmp_path, cnn):
     from rlprefix.cli import main
     from test_config import tiny_run_config
