@@ -22,7 +22,7 @@ ap.add_argument("--rl-steps", type=int, default=8)
 args = ap.parse_args()
 
 model, tok = load_model("smollm2-135m-instruct")
-encoder = open_encoder(None)                      # the embedded small CNN (trained once, ~20 s; not CLIP)
+encoder = open_encoder(None)                      # the embedded small CNN (trained once, ~12 s; not CLIP)
 train = caption_records("builtin:shapes", PROMPT)                 # 48 compositions
 heldout = caption_records("builtin:shapes:heldout", PROMPT)       # 12 compositions never drawn in training
 reward = build_reward("caption_correctness")                      # reads `captions`; gets `images=` too
@@ -33,8 +33,8 @@ print(f"image prefix ({args.form}): {prefix.num_parameters():,} trainable parame
 print("before:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
 warm_start(model, tok, prefix, train, WarmStartConfig(steps=args.ws_steps, eval_every=25))
 print("after warm start:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
-ppo(model, tok, prefix, train, reward, PPOConfig(steps=args.rl_steps, batch_size=16, max_new_tokens=16, lr=1e-3,
-                                                reference="initial"))
+ppo(model, tok, prefix, train, reward, PPOConfig(steps=args.rl_steps, batch_size=16, max_new_tokens=16,
+                                                reference="initial"))  # lr: the image kind's 1e-4
 print("after RL:", evaluate_reward(model, tok, prefix, heldout, reward, max_new_tokens=16).mean)
 
 images = [r["images"] for r in heldout[:3]]
