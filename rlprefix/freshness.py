@@ -89,8 +89,9 @@ def config_key(cfg) -> str:
     """The whole config's hash, as artifact manifests record it (provenance): the image prefix's settings only for
     kind image, so a config from before them hashes as it did; ppo.lr as it resolves (_ppo_fields)."""
     image_only = {k for k, kind in _PREFIX_KIND_ONLY.items() if kind == "image"}  # added after bank_size
-    prefix = {k: v for k, v in cfg.to_dict()["prefix"].items() if cfg.prefix.kind == "image" or k not in image_only}
-    return stage_key({**cfg.to_dict(), "prefix": prefix, "ppo": {**cfg.to_dict()["ppo"], "lr": _ppo_fields(cfg)["lr"]}})
+    whole = cfg.to_dict()
+    prefix = {k: v for k, v in whole["prefix"].items() if cfg.prefix.kind == "image" or k not in image_only}
+    return stage_key({**whole, "prefix": prefix, "ppo": {**whole["ppo"], "lr": learning_rate(cfg.ppo, cfg.prefix)}})
 
 
 # Warm-start settings added after runs existed, with the value that means "as before": left out of the stage keys

@@ -27,9 +27,8 @@ RECIPES = {1: {"steps": 300, "gray": 0.0}, 2: {"steps": 1000, "gray": 0.5}}
 HEADS = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS), "digit": DIGIT_WORDS}
 
 
-def _examples(per_combo: int, seed: int):
-    """Pixels and per-head labels (-100 where a head does not apply) of the training splits only."""
-    examples = shapes_task("train", 48 * per_combo, seed=seed) + digits_task("train")
+def _labelled(examples) -> tuple[torch.Tensor, dict]:
+    """Pixels and per-head labels (-100 where a head does not apply) of ImageCaption examples."""
     def index(head, value):
         return value if head == "digit" else HEADS[head].index(value)
 
@@ -37,22 +36,24 @@ def _examples(per_combo: int, seed: int):
     return pixels([x.image for x in examples], 32), labels
 
 
+def _examples(per_combo: int, seed: int):
+    """Pixels and per-head labels of the training splits only."""
+    return _labelled(shapes_task("train", 48 * per_combo, seed=seed) + digits_task("train"))
+
+
+def _accuracy(net: SmallCNN, heads: nn.ModuleDict, x: torch.Tensor, labels: dict) -> dict:
+    """Share of the labelled rows whose attribute each head names right (heads with no labelled row left out)."""
+    with torch.no_grad():
+        feats = net(x)
+    return {h: float((heads[h](feats).argmax(-1) == labels[h])[labels[h] >= 0].float().mean())
+            for h in HEADS if (labels[h] >= 0).any()}
+
+
 def _grayscale(x: torch.Tensor, labels: dict, share: float, gen: torch.Generator):
     """A `share` of the batch in grayscale, their colour labels dropped (-100)."""
     gray = torch.rand(len(x), generator=gen) < share
     x = torch.where(gray.view(-1, 1, 1, 1), x.mean(1, keepdim=True).expand_as(x), x)
     return x, {**labels, "colour": labels["colour"].masked_fill(gray, -100)}
-
-
-def heads_accuracy(net: SmallCNN, heads: nn.ModuleDict, examples) -> dict:
-    """Share of `examples` (ImageCaption with labels) whose attribute each head names right."""
-    with torch.no_grad():
-        feats = net(pixels([x.image for x in examples], net.size))
-    out = {}
-    for h in sorted({k for x in examples for k in x.labels}):
-        want = torch.tensor([x.labels[h] if h == "digit" else HEADS[h].index(x.labels[h]) for x in examples])
-        out[h] = float((heads[h](feats).argmax(-1) == want).float().mean())
-    return out
 
 
 def train_small_cnn(steps: int | None = None, dim: int = 64, per_combo: int = 6, seed: int = 0,
@@ -80,12 +81,10 @@ def train_small_cnn(steps: int | None = None, dim: int = 64, per_combo: int = 6,
         opt.zero_grad()
         torch.stack(losses).sum().backward()
         opt.step()
-    with torch.no_grad():
-        feats = net(x)
-        acc = {h: float((heads[h](feats).argmax(-1) == labels[h])[labels[h] >= 0].float().mean()) for h in HEADS}
+    acc = _accuracy(net, heads, x, labels)
     meta = {"format": "rlprefix-small-cnn", "version": version, "dim": dim, "width": 16, "size": 32,
             "steps": recipe["steps"], "grayscale_share": recipe["gray"], "seed": seed, "train_accuracy": acc,
-            "heldout_composition_accuracy": heads_accuracy(net, heads, shapes_task("heldout", 240, seed=99)),
+            "heldout_composition_accuracy": _accuracy(net, heads, *_labelled(shapes_task("heldout", 240, seed=99))),
             "note": "a small encoder for rlprefix's built-in image data (shapes, digits), not CLIP"}
     return net, meta
 
@@ -109,5 +108,5 @@ def open_encoder(reference: str | dict | None = None):
     small CNN's files, or a transformers vision encoder by hub id or folder (a reference dict as encoders give)."""
     name = reference.get("name") if isinstance(reference, dict) else reference
     if name in (None, SMALL_CNN, "builtin"):  # the version the prefix was trained on (1: recorded before versions)
-        return default_encoder(version=reference.get("version") or 1 if isinstance(reference, dict) else VERSION)
+        return default_encoder(version=(reference.get("version") or 1) if isinstance(reference, dict) else VERSION)
     return load_vision_encoder(str(name))
