@@ -15,11 +15,20 @@ names), which neither side of the comparison was tuned on beyond its definition;
 sampling seed for every method, `samples` completions per image, the standard error over completions. RL keeps the
 warm-start prefix as its KL reference (`reference: initial`) for every method.
 
+RL runs from the same warm-start prefix on one or both of two kinds of data (`--rl-data`), at the same number of
+sampled completions:
+- `captioned`: the training images with their reference captions, scored by `caption_correctness`;
+- `unlabelled`: images without captions, scored by the image verifier (`rlprefix.images.verifier`: another small CNN,
+  another seed, names what it sees). For shapes the pool holds fresh draws of every composition, the 12 held-out
+  ones included (never their captions, never the evaluation's draws: semi-supervised, said so in the results); for
+  digits, the training images. Evaluation stays with the reference captions.
+
     python benchmarks/cross_modal.py [--tasks shapes digits] [--ws-steps 150] [--rl-steps 20] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import tempfile
 import time
@@ -30,6 +39,8 @@ from common import md_table, write_result
 from rewards import build_reward
 from rlprefix import PPOConfig, Prefix, WarmStartConfig, evaluate_reward, load_model, ppo, warm_start
 from rlprefix.images import load_image_captions, open_encoder
+from rlprefix.images.data import shapes_task
+from rlprefix.images.verifier import ImageVerifier
 
 PROMPT = "Describe the image in a few words."
 INIT_TEXT = "A short caption of the picture:"
@@ -42,6 +53,16 @@ def data(task: str, n_train: int, n_heldout: int):
     rl = [{"prompt": PROMPT, "captions": x.caption, "images": x.image} for x in train]
     ev = [{"prompt": PROMPT, "captions": x.caption, "images": x.image} for x in held]
     return sft, rl, ev
+
+
+def unlabelled(task: str, n: int) -> list[dict]:
+    """RL rows without captions: fresh draws of every shapes composition (seed 7; evaluation draws with seed 0), or
+    the training digits."""
+    if task == "shapes":
+        pool = shapes_task("train", n - n // 5, seed=7) + shapes_task("heldout", n // 5, seed=7)
+    else:
+        pool = load_image_captions("builtin:digits", n=n)
+    return [{"prompt": PROMPT, "images": x.image} for x in pool]
 
 
 def blind(rows: list[dict]) -> list[dict]:
@@ -82,15 +103,20 @@ def run_method(model, tok, task: str, method: str, rows, reward, dim: int, args)
     ppo_cfg = PPOConfig(steps=args.rl_steps, batch_size=16, group_size=4, minibatch_size=8,
                         max_new_tokens=args.max_new_tokens, lr=args.rl_lr,
                         reference="initial", progress=False)
-    t = time.perf_counter()
-    ppo(model, tok, prefix, rl, reward, ppo_cfg, output_dir=tempfile.mkdtemp())
-    rl_time = time.perf_counter() - t
-    out.append({"task": task, "method": method, "stage": "rl", "params": prefix.num_parameters(),
-                "seconds_per_step": rl_time / max(args.rl_steps, 1), "completions": args.rl_steps * 16,
-                **held_out(model, tok, prefix, ev, reward, args)})
+    for rl_data in (args.rl_data if method != "text-only" else ["captioned"]):  # text-only cannot see to verify
+        policy = copy.deepcopy(prefix)  # each kind of RL data from the same warm start
+        rl_rows, rl_reward = ((rl, reward) if rl_data == "captioned" else
+                              (unlabelled(task, args.train), ImageVerifier(task)))
+        t = time.perf_counter()
+        ppo(model, tok, policy, rl_rows, rl_reward, ppo_cfg, output_dir=tempfile.mkdtemp())
+        rl_time = time.perf_counter() - t
+        out.append({"task": task, "method": method, "stage": "rl", "rl_data": rl_data,
+                    "rl_reward": rl_reward.name, "params": policy.num_parameters(),
+                    "seconds_per_step": rl_time / max(args.rl_steps, 1), "completions": args.rl_steps * 16,
+                    **held_out(model, tok, policy, ev, reward, args)})
     for r in out:
-        print(f"{task:7s} {method:10s} {r['stage']:10s} held-out {r['heldout']:.3f} +- {r['se']:.3f}  "
-              f"e.g. {r['example']!r}", flush=True)
+        print(f"{task:7s} {method:10s} {r['stage']:10s} {r.get('rl_data', ''):10s} held-out {r['heldout']:.3f} "
+              f"+- {r['se']:.3f}  e.g. {r['example']!r}", flush=True)
     return out
 
 
@@ -104,6 +130,9 @@ def main():
     ap.add_argument("--rl-steps", type=int, default=20)
     ap.add_argument("--rl-lr", type=float, default=None, help="default: each prefix kind's own (ppo.LEARNING_RATES: "
                     "image 1e-4, the text-only kv prefix 1e-2)")
+    ap.add_argument("--rl-data", nargs="+", default=["captioned", "unlabelled"], choices=["captioned", "unlabelled"],
+                    help="RL on captioned training images (caption_correctness) and/or on uncaptioned images scored "
+                    "by the image verifier, each from the same warm start")
     ap.add_argument("--train", type=int, default=240, help="training images per task")
     ap.add_argument("--heldout", type=int, default=60, help="held-out images per task")
     ap.add_argument("--samples", type=int, default=2, help="completions per held-out image")
@@ -125,7 +154,7 @@ def main():
             rows += run_method(model, tok, task, method, task_rows, reward, dim, args)
             write_result(args.name, {"settings": vars(args), "prompt": PROMPT, "encoder": "rlprefix-small-cnn",
                                      "rows": rows, "seconds": time.perf_counter() - t0})
-    print(md_table(rows, [("task", "task"), ("method", "method"), ("stage", "stage"), ("heldout", "held-out reward"),
+    print(md_table(rows, [("task", "task"), ("method", "method"), ("stage", "stage"), ("rl_data", "RL data"), ("heldout", "held-out reward"),
                           ("se", "se"), ("params", "trainable"), ("seconds_per_step", "s/step")]))
     if any(math.isnan(r["heldout"]) for r in rows):
         print("warning: a method had no scored completion")

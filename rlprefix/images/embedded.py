@@ -57,9 +57,10 @@ def _grayscale(x: torch.Tensor, labels: dict, share: float, gen: torch.Generator
 
 
 def train_small_cnn(steps: int | None = None, dim: int = 64, per_combo: int = 6, seed: int = 0,
-                    version: int = VERSION) -> tuple[SmallCNN, dict]:
+                    version: int = VERSION) -> tuple[SmallCNN, nn.ModuleDict, dict]:
     """Train the encoder by `version`'s recipe (deterministic for a seed on one machine; `steps` overrides the
-    recipe's); returns it and its metadata, with its heads' accuracy on held-out compositions (fresh scenes)."""
+    recipe's); returns it, its attribute heads (`HEADS`, what `rlprefix.images.verifier` reads) and its metadata,
+    with the heads' accuracy on held-out compositions (fresh scenes)."""
     if version not in RECIPES:
         raise ValueError(f"the embedded image encoder has versions {sorted(RECIPES)}, not {version!r}: upgrade "
                          "rlprefix to open an image prefix trained on a newer one")
@@ -86,7 +87,7 @@ def train_small_cnn(steps: int | None = None, dim: int = 64, per_combo: int = 6,
             "steps": recipe["steps"], "grayscale_share": recipe["gray"], "seed": seed, "train_accuracy": acc,
             "heldout_composition_accuracy": _accuracy(net, heads, *_labelled(shapes_task("heldout", 240, seed=99))),
             "note": "a small encoder for rlprefix's built-in image data (shapes, digits), not CLIP"}
-    return net, meta
+    return net, heads, meta
 
 
 def default_encoder(folder: str | Path | None = None, steps: int | None = None, version: int = VERSION
@@ -95,7 +96,7 @@ def default_encoder(folder: str | Path | None = None, steps: int | None = None, 
     folder = Path(folder) if folder is not None else cache_dir() / f"small-cnn-v{version}"
     if not (folder / CNN_FILES[1]).is_file():
         # two processes training at once write the same files atomically: no lock needed
-        net, meta = train_small_cnn(steps=steps, version=version)
+        net, _, meta = train_small_cnn(steps=steps, version=version)
         state = net.state_dict()
         meta["sha256"] = json_hash(meta, [v.numpy().tobytes() for v in state.values()])
         atomic_save_tensors(folder / CNN_FILES[0], state)

@@ -59,8 +59,8 @@ def test_image_text_model_is_refused_as_an_encoder(tmp_path):
 
 
 def test_image_small_cnn_is_trained_once_deterministically_and_cached(tmp_path, monkeypatch, images):
-    a, meta = ve.train_small_cnn(steps=3)
-    b, _ = ve.train_small_cnn(steps=3)
+    a, _, meta = ve.train_small_cnn(steps=3)
+    b, _, _ = ve.train_small_cnn(steps=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     enc = ve.default_encoder(tmp_path / "cnn", steps=120)            # chance is 0.25; 1000 steps (the default) reach 1.0
     saved = json.loads((tmp_path / "cnn" / "encoder.json").read_text())
@@ -86,5 +86,5 @@ def test_image_small_cnn_versions_keep_their_recipe(monkeypatch):
     assert asked == [1, ve.VERSION, ve.VERSION] and ve.VERSION == 2
     with pytest.raises(ValueError, match="versions \\[1, 2\\], not 9: upgrade rlprefix"):
         ve.train_small_cnn(steps=1, version=9)
-    a, meta = ve.train_small_cnn(steps=3, version=1)
+    a, _, meta = ve.train_small_cnn(steps=3, version=1)
     assert meta["version"] == 1 and meta["grayscale_share"] == 0.0
