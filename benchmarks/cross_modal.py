@@ -154,8 +154,8 @@ def main():
             rows += run_method(model, tok, task, method, task_rows, reward, dim, args)
             write_result(args.name, {"settings": vars(args), "prompt": PROMPT, "encoder": "rlprefix-small-cnn",
                                      "rows": rows, "seconds": time.perf_counter() - t0})
-    print(md_table(rows, [("task", "task"), ("method", "method"), ("stage", "stage"), ("rl_data", "RL data"), ("heldout", "held-out reward"),
-                          ("se", "se"), ("params", "trainable"), ("seconds_per_step", "s/step")]))
+    print(md_table(rows, [("task", "task"), ("method", "method"), ("stage", "stage"), ("rl_data", "RL data"),
+                          ("heldout", "held-out reward"), ("se", "se"), ("params", "trainable"), ("seconds_per_step", "s/step")]))
     if any(math.isnan(r["heldout"]) for r in rows):
         print("warning: a method had no scored completion")
 

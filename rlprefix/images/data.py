@@ -71,6 +71,14 @@ def draw_scene(colour: str, shape: str, position: str, size: int = 64, rng: rand
     return img
 
 
+def caption(labels: dict) -> str:
+    """The built-in tasks' caption of a scene's colour, shape and position, or of a digit (0-9)."""
+    if "digit" in labels:
+        return f"the digit {DIGIT_WORDS[labels['digit']]}"
+    where = "in the centre" if labels["position"] == "centre" else f"at the {labels['position']}"
+    return f"a {labels['colour']} {labels['shape']} {where}"
+
+
 def shapes_task(split: str = "train", n: int | None = None, seed: int = 0, size: int = 64) -> list[ImageCaption]:
     """`n` scenes (default: one per combination of the split), cycling through the split's combinations."""
     combos = combinations(split)
@@ -78,8 +86,8 @@ def shapes_task(split: str = "train", n: int | None = None, seed: int = 0, size:
     out = []
     for i in range(len(combos) if n is None else n):
         c, s, p = combos[i % len(combos)]
-        out.append(ImageCaption(draw_scene(c, s, p, size, rng), f"a {c} {s} at the {p}" if p != "centre"
-                                else f"a {c} {s} in the centre", {"colour": c, "shape": s, "position": p}))
+        labels = {"colour": c, "shape": s, "position": p}
+        out.append(ImageCaption(draw_scene(c, s, p, size, rng), caption(labels), labels))
     return out
 
 
@@ -96,7 +104,7 @@ def digits_task(split: str = "train", n: int | None = None, size: int = 32) -> l
         pixels = (digits.images[i] * (255.0 / 16.0)).round().astype("uint8")
         img = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST).convert("RGB")
         d = int(digits.target[i])
-        out.append(ImageCaption(img, f"the digit {DIGIT_WORDS[d]}", {"digit": d}))
+        out.append(ImageCaption(img, caption({"digit": d}), {"digit": d}))
     return out
 
 
