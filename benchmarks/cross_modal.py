@@ -21,9 +21,11 @@ sampled completions:
 - `unlabelled`: images without captions, scored by the image verifier (`rlprefix.images.verifier`: another small CNN,
   another seed, names what it sees). For shapes the pool holds fresh draws of every composition, the 12 held-out
   ones included (never their captions, never the evaluation's draws: semi-supervised, said so in the results); for
-  digits, the training images. Evaluation stays with the reference captions.
+  digits, the training images. `--pool train` draws shapes from the training compositions only, to tell whether a
+  gain needs the held-out compositions at all. Evaluation stays with the reference captions.
 
-    python benchmarks/cross_modal.py [--tasks shapes digits] [--ws-steps 150] [--rl-steps 20] [--quick]
+    python benchmarks/cross_modal.py [--tasks shapes digits] [--ws-steps 150] [--rl-steps 20] [--pool all|train]
+        [--seed 0] [--quick]
 """
 from __future__ import annotations
 
@@ -52,14 +54,25 @@ def data(task: str, n_train: int, n_heldout: int):
     sft = [{"prompt": PROMPT, "completion": x.caption, "images": x.image} for x in train]
     rl = [{"prompt": PROMPT, "captions": x.caption, "images": x.image} for x in train]
     ev = [{"prompt": PROMPT, "captions": x.caption, "images": x.image} for x in held]
-    return sft, rl, ev
+    return sft, rl, ev, seen(task, n_heldout)
 
 
-def unlabelled(task: str, n: int) -> list[dict]:
-    """RL rows without captions: fresh draws of every shapes composition (seed 7; evaluation draws with seed 0), or
+def seen(task: str, n: int) -> list[dict] | None:
+    """Fresh draws (seed 3) of the training compositions, for shapes: the reward there against the held-out reward
+    tells fitting the training compositions apart from learning to name what is in the image."""
+    if task != "shapes":
+        return None
+    return [{"prompt": PROMPT, "captions": x.caption, "images": x.image} for x in shapes_task("train", n, seed=3)]
+
+
+def unlabelled(task: str, n: int, pool: str = "all") -> list[dict]:
+    """RL rows without captions: fresh draws (seed 7; evaluation draws with seed 0) of every shapes composition
+    (`pool="all"`, a fifth of them held-out compositions) or of the training compositions only (`pool="train"`), or
     the training digits."""
-    if task == "shapes":
+    if task == "shapes" and pool == "all":
         pool = shapes_task("train", n - n // 5, seed=7) + shapes_task("heldout", n // 5, seed=7)
+    elif task == "shapes":
+        pool = shapes_task("train", n, seed=7)
     else:
         pool = load_image_captions("builtin:digits", n=n)
     return [{"prompt": PROMPT, "images": x.image} for x in pool]
@@ -70,53 +83,61 @@ def blind(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images"} for r in rows]
 
 
-def new_prefix(model, tok, method: str, length: int, dim: int):
+def new_prefix(model, tok, method: str, length: int, dim: int, seed: int):
     if method == "text-only":
         return Prefix.from_text(model, tok, INIT_TEXT, length, kind="kv")
     return Prefix.from_text(model, tok, INIT_TEXT, length, kind="image", form=method, feature_dim=dim,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(seed))
 
 
-def held_out(model, tok, prefix, ev, reward, args) -> dict:
+def held_out(model, tok, prefix, ev, reward, args, seen_rows=None) -> dict:
     res = evaluate_reward(model, tok, prefix, ev, reward, seed=0, max_new_tokens=args.max_new_tokens,
                           samples_per_prompt=args.samples)
-    return {"heldout": res.mean, "se": res.se, "kl_to_base": res.kl, "n": len(res.rewards),
-            "example": res.completions[0] if res.completions else None}
+    out = {"heldout": res.mean, "se": res.se, "kl_to_base": res.kl, "n": len(res.rewards),
+           "example": res.completions[0] if res.completions else None}
+    if seen_rows:
+        res = evaluate_reward(model, tok, prefix, seen_rows, reward, seed=0, max_new_tokens=args.max_new_tokens,
+                              samples_per_prompt=args.samples)
+        out.update(seen=res.mean, seen_se=res.se)
+    return out
 
 
 def run_method(model, tok, task: str, method: str, rows, reward, dim: int, args) -> list[dict]:
-    sft, rl, ev = rows if method != "text-only" else [blind(r) for r in rows[:2]] + [rows[2]]
+    sft, rl, ev, seen_rows = rows if method != "text-only" else [blind(r) for r in rows[:2]] + list(rows[2:])
     out = []
     if method == "text-only":
         out.append({"task": task, "method": method, "stage": "none", "params": 0,
-                    **held_out(model, tok, None, ev, reward, args)})
-    prefix = new_prefix(model, tok, method, args.length, dim)
+                    **held_out(model, tok, None, ev, reward, args, seen_rows)})
+    prefix = new_prefix(model, tok, method, args.length, dim, args.seed)
     ws_cfg = WarmStartConfig(steps=args.ws_steps, batch_size=8, eval_every=max(args.ws_steps // 4, 1),
-                             warmup_steps=min(20, args.ws_steps // 5), progress=False, merge=True)
+                             warmup_steps=min(20, args.ws_steps // 5), progress=False, merge=True,
+                             seed=args.seed)
     t = time.perf_counter()
     res = warm_start(model, tok, prefix, sft, ws_cfg, output_dir=tempfile.mkdtemp())
     ws_time = time.perf_counter() - t
     prefix = res.prefix
-    out.append({"task": task, "method": method, "stage": "warm_start", "params": prefix.num_parameters(),
+    out.append({"task": task, "method": method, "stage": "warm_start", "seed": args.seed,
+                "params": prefix.num_parameters(),
                 "best_eval_loss": res.best_eval_loss, "seconds_per_step": ws_time / max(args.ws_steps, 1),
-                **held_out(model, tok, prefix, ev, reward, args)})
+                **held_out(model, tok, prefix, ev, reward, args, seen_rows)})
     ppo_cfg = PPOConfig(steps=args.rl_steps, batch_size=16, group_size=4, minibatch_size=8,
                         max_new_tokens=args.max_new_tokens, lr=args.rl_lr,
-                        reference="initial", progress=False)
+                        reference="initial", progress=False, seed=args.seed)
     for rl_data in (args.rl_data if method != "text-only" else ["captioned"]):  # text-only cannot see to verify
         policy = copy.deepcopy(prefix)  # each kind of RL data from the same warm start
         rl_rows, rl_reward = ((rl, reward) if rl_data == "captioned" else
-                              (unlabelled(task, args.train), ImageVerifier(task)))
+                              (unlabelled(task, args.train, args.pool), ImageVerifier(task)))
         t = time.perf_counter()
         ppo(model, tok, policy, rl_rows, rl_reward, ppo_cfg, output_dir=tempfile.mkdtemp())
         rl_time = time.perf_counter() - t
-        out.append({"task": task, "method": method, "stage": "rl", "rl_data": rl_data,
+        out.append({"task": task, "method": method, "stage": "rl", "rl_data": rl_data, "seed": args.seed,
+                    **({"pool": args.pool} if rl_data == "unlabelled" else {}),
                     "rl_reward": rl_reward.name, "params": policy.num_parameters(),
                     "seconds_per_step": rl_time / max(args.rl_steps, 1), "completions": args.rl_steps * 16,
-                    **held_out(model, tok, policy, ev, reward, args)})
+                    **held_out(model, tok, policy, ev, reward, args, seen_rows)})
     for r in out:
         print(f"{task:7s} {method:10s} {r['stage']:10s} {r.get('rl_data', ''):10s} held-out {r['heldout']:.3f} "
-              f"+- {r['se']:.3f}  e.g. {r['example']!r}", flush=True)
+              f"+- {r['se']:.3f}  seen {r.get('seen', float('nan')):.3f}  e.g. {r['example']!r}", flush=True)
     return out
 
 
@@ -133,6 +154,11 @@ def main():
     ap.add_argument("--rl-data", nargs="+", default=["captioned", "unlabelled"], choices=["captioned", "unlabelled"],
                     help="RL on captioned training images (caption_correctness) and/or on uncaptioned images scored "
                     "by the image verifier, each from the same warm start")
+    ap.add_argument("--pool", default="all", choices=["all", "train"],
+                    help="shapes' unlabelled RL pool: draws of every composition, held-out ones included (all), or "
+                    "of the training compositions only (train)")
+    ap.add_argument("--seed", type=int, default=0, help="prefix initialisation, warm-start shuffling and RL sampling "
+                    "seed (the evaluation's sampling seed and images stay fixed)")
     ap.add_argument("--train", type=int, default=240, help="training images per task")
     ap.add_argument("--heldout", type=int, default=60, help="held-out images per task")
     ap.add_argument("--samples", type=int, default=2, help="completions per held-out image")
@@ -142,7 +168,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.ws_steps, args.rl_steps, args.train, args.heldout, args.samples = 4, 1, 16, 8, 1
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     reward = build_reward("caption_correctness")
     dim = open_encoder(None).dim
@@ -155,7 +181,8 @@ def main():
             write_result(args.name, {"settings": vars(args), "prompt": PROMPT, "encoder": "rlprefix-small-cnn",
                                      "rows": rows, "seconds": time.perf_counter() - t0})
     print(md_table(rows, [("task", "task"), ("method", "method"), ("stage", "stage"), ("rl_data", "RL data"),
-                          ("heldout", "held-out reward"), ("se", "se"), ("params", "trainable"), ("seconds_per_step", "s/step")]))
+                          ("heldout", "held-out reward"), ("se", "se"),
+                          ("seen", "seen compositions"), ("params", "trainable"), ("seconds_per_step", "s/step")]))
     if any(math.isnan(r["heldout"]) for r in rows):
         print("warning: a method had no scored completion")
 
