@@ -91,13 +91,16 @@ def new_prefix(model, tok, method: str, length: int, dim: int, seed: int):
 
 
 def held_out(model, tok, prefix, ev, reward, args, seen_rows=None) -> dict:
-    res = evaluate_reward(model, tok, prefix, ev, reward, seed=0, max_new_tokens=args.max_new_tokens,
-                          samples_per_prompt=args.samples)
+    """Held-out reward (and, when `seen_rows` is given, the score on fresh draws of training compositions)."""
+    def score(rows):
+        return evaluate_reward(model, tok, prefix, rows, reward, seed=0, max_new_tokens=args.max_new_tokens,
+                               samples_per_prompt=args.samples)
+
+    res = score(ev)
     out = {"heldout": res.mean, "se": res.se, "kl_to_base": res.kl, "n": len(res.rewards),
            "example": res.completions[0] if res.completions else None}
     if seen_rows:
-        res = evaluate_reward(model, tok, prefix, seen_rows, reward, seed=0, max_new_tokens=args.max_new_tokens,
-                              samples_per_prompt=args.samples)
+        res = score(seen_rows)
         out.update(seen=res.mean, seen_se=res.se)
     return out
 
