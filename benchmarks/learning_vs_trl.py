@@ -608,14 +608,65 @@ SWEEP_COLS = [("task", "task"), ("method", "method"), ("lr", "lr"), ("auc_comple
               ("final", "held-out reward, last"), ("note", "note")]
 
 
+# the decision rule for a changed default (#27): every task and both seeds, on the issue's measure, the mean held-out
+# reward at these snapshots, paired with the defaults' run of the same task and seed (same prompts, same evaluator)
+PAIRED_AT = (128, 256)
+
+
+def paired_rows(runs: dict) -> tuple[list[dict], list[dict]]:
+    """Ablations (`--tag`, method "rlprefix-<tag>") against the defaults' run of the same task and seed: the
+    difference of the mean held-out reward at PAIRED_AT in standard errors of that difference (the two snapshots'
+    s.e. combined as independent); win > +1 s.e., loss < -1 s.e., tie otherwise. Returns (one row per task and seed,
+    one row per variant: wins / ties / losses and whether it may become a default: no loss, and at least 2 seeds on
+    every task it ran)."""
+    rows = []
+    for key, r in sorted(runs.items()):
+        if not (r["method"].startswith("rlprefix-") and r["method"] != "rlprefix-prev" and complete(r)):
+            continue
+        ref = runs.get(f"{r['task']}/rlprefix/lr=None/seed={r['seed']}{CURVE}")
+        if ref is None or not complete(ref):
+            continue
+        a = {p["completions"]: p for p in ref["curve"]}
+        b = {p["completions"]: p for p in r["curve"]}
+        at = [n for n in PAIRED_AT if n in a and n in b]
+        if not at:
+            continue
+        ma, mb = mean(a[n]["reward"] for n in at), mean(b[n]["reward"] for n in at)
+        se = math.sqrt(sum(a[n]["reward_se"] ** 2 + b[n]["reward_se"] ** 2 for n in at)) / len(at)
+        z = (mb - ma) / se if se > 0 else 0.0
+        rows.append({"variant": r["method"][len("rlprefix-"):], "task": r["task"], "seed": r["seed"],
+                     "defaults": ma, "variant_reward": mb, "diff": mb - ma, "z": z,
+                     "verdict": "win" if z > 1 else "loss" if z < -1 else "tie",
+                     "train_s": f"{ref['train_seconds']:.0f} -> {r['train_seconds']:.0f}"})
+    verdicts = []
+    for v in sorted({row["variant"] for row in rows}):
+        mine = [row for row in rows if row["variant"] == v]
+        seeds = {t: {row["seed"] for row in mine if row["task"] == t} for t in {row["task"] for row in mine}}
+        count = {x: sum(row["verdict"] == x for row in mine) for x in ("win", "tie", "loss")}
+        verdicts.append({"variant": v, "tasks": len(seeds), "cells": len(mine), **count,
+                         "mean_diff": mean(row["diff"] for row in mine),
+                         "candidate": "yes" if not count["loss"] and all(len(s) >= 2 for s in seeds.values())
+                         else "no: a loss" if count["loss"] else "not yet: one seed somewhere"})
+    return rows, verdicts
+
+
+PAIRED_COLS = [("variant", "variant"), ("task", "task"), ("seed", "seed"), ("defaults", "defaults"),
+               ("variant_reward", "variant"), ("diff", "difference"), ("z", "in s.e."), ("verdict", "verdict"),
+               ("train_s", "train s")]
+VERDICT_COLS = [("variant", "variant"), ("tasks", "tasks"), ("cells", "task x seed"), ("win", "wins"),
+                ("tie", "ties"), ("loss", "losses"), ("mean_diff", "mean difference"), ("candidate", "default?")]
+
+
 def study_payload(runs: dict, args, settings: dict | None) -> dict:
     rows, sweep = curve_report(runs)
+    paired, verdicts = paired_rows(runs)
     if args is not None:
         settings = {"budget": args.budget, "tokens": args.tokens, "checkpoints": args.checkpoints,
                     "init_text": INIT_TEXT, "tasks": {t: TASKS[t] for t in TASKS}, "lrs": study_lrs(args),
                     "previous_defaults": PREVIOUS_DEFAULTS}
     return {"settings": settings, "summary": rows, "sweep": sweep, "table_md": md_table(rows, CURVE_COLS),
-            "sweep_md": md_table(sweep, SWEEP_COLS)}
+            "sweep_md": md_table(sweep, SWEEP_COLS), "paired": paired, "verdicts": verdicts,
+            "paired_md": md_table(paired, PAIRED_COLS) + "\n" + md_table(verdicts, VERDICT_COLS)}
 
 
 def plot_curves(runs: dict, name: str) -> None:
@@ -848,6 +899,9 @@ def main():
     rows, sweep = curve_report(runs)
     if rows:
         print(md_table(rows, CURVE_COLS) + "\n" + md_table(sweep, SWEEP_COLS))
+    paired, verdicts = paired_rows(runs)
+    if paired:
+        print(md_table(paired, PAIRED_COLS) + "\n" + md_table(verdicts, VERDICT_COLS))
 
 
 if __name__ == "__main__":
