@@ -617,8 +617,8 @@ def paired_rows(runs: dict) -> tuple[list[dict], list[dict]]:
     """Ablations (`--tag`, method "rlprefix-<tag>") against the defaults' run of the same task and seed: the
     difference of the mean held-out reward at PAIRED_AT in standard errors of that difference (the two snapshots'
     s.e. combined as independent); win > +1 s.e., loss < -1 s.e., tie otherwise. Returns (one row per task and seed,
-    one row per variant: wins / ties / losses and whether it may become a default: no loss, and at least 2 seeds on
-    every task it ran)."""
+    one row per variant: wins / ties / losses and whether it may become a default: no loss, every task any variant
+    was paired on, and at least 2 seeds on each)."""
     rows = []
     for key, r in sorted(runs.items()):
         if not (r["method"].startswith("rlprefix-") and r["method"] != "rlprefix-prev" and complete(r)):
@@ -638,6 +638,7 @@ def paired_rows(runs: dict) -> tuple[list[dict], list[dict]]:
                      "defaults": ma, "variant_reward": mb, "diff": mb - ma, "z": z,
                      "verdict": "win" if z > 1 else "loss" if z < -1 else "tie",
                      "train_s": f"{ref['train_seconds']:.0f} -> {r['train_seconds']:.0f}"})
+    screened = {row["task"] for row in rows}  # every task some variant was paired on: a candidate needs them all
     verdicts = []
     for v in sorted({row["variant"] for row in rows}):
         mine = [row for row in rows if row["variant"] == v]
@@ -645,8 +646,10 @@ def paired_rows(runs: dict) -> tuple[list[dict], list[dict]]:
         count = {x: sum(row["verdict"] == x for row in mine) for x in ("win", "tie", "loss")}
         verdicts.append({"variant": v, "tasks": len(seeds), "cells": len(mine), **count,
                          "mean_diff": mean(row["diff"] for row in mine),
-                         "candidate": "yes" if not count["loss"] and all(len(s) >= 2 for s in seeds.values())
-                         else "no: a loss" if count["loss"] else "not yet: one seed somewhere"})
+                         "candidate": "no: a loss" if count["loss"]
+                         else f"not yet: {len(seeds)} of {len(screened)} tasks" if len(seeds) < len(screened)
+                         else "not yet: one seed somewhere" if any(len(s) < 2 for s in seeds.values())
+                         else "yes"})
     return rows, verdicts
 
 
