@@ -19,7 +19,7 @@ Methods, each trained on the same number of sampled completions (--budget) with 
   trl-prefix     TRL GRPOTrainer + PEFT PrefixTuningConfig(16 tokens), learning rate from --trl-lrs
                  (every lr on seed 0, the best per task chosen there and run on the other seeds; the table
                  reports the mean over seeds at that lr), gradient checkpointing off (prefix tuning needs it off)
-  trl-lora       TRL GRPOTrainer + LoRA r16 all-linear, learning rate from --lora-lr
+  trl-lora       TRL GRPOTrainer + LoRA r16 all-linear, learning rate(s) from --lora-lrs
 
 Evaluator (the same for every method): the trained adapter as a PEFT adapter (rlprefix via `export_peft`),
 loaded with `PeftModel.from_pretrained`, sampled with transformers' `generate` at T=1 (top_k=0) with fixed
@@ -122,6 +122,7 @@ INIT_TEXT = "Here is my answer."
 # issue #27: the cells of the sample-efficiency study (see the docstring)
 STUDY = {"checkpoints": [64, 128, 256, 512],
          "lrs": {"trl-prefix": [1e-3, 3e-3, 1e-2], "trl-lora": [1e-5, 1e-4, 1e-3]}}
+LORA_LR = 1e-4  # trl-lora's rate outside the study (the headline table's)
 CURVE = "/curve"  # key suffix of a run with held-out snapshots
 # rlprefix's PPOConfig() defaults on 2026-12-05 (every field that decides learning), run as "rlprefix-prev"
 PREVIOUS_DEFAULTS = {
@@ -840,7 +841,7 @@ def run_classic(args) -> dict:
     runs = load_results(args.name).get("runs", {})
     for task in args.tasks:
         for method in args.methods:
-            lrs = {"trl-prefix": args.trl_lrs, "trl-lora": [args.lora_lr]}.get(method, [None])
+            lrs = {"trl-prefix": args.trl_lrs, "trl-lora": args.lora_lrs}.get(method, [None])
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in lrs:
                     curve = CURVE if args.checkpoints and method != "base" else ""
@@ -866,8 +867,9 @@ def main():
                                                                "completions (the study: 64 128 256 512)")
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens (training and evaluation)")
     ap.add_argument("--trl-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
-    ap.add_argument("--lora-lr", type=float, default=1e-4)
-    ap.add_argument("--lora-lrs", nargs="+", type=float, default=STUDY["lrs"]["trl-lora"], help="the study's sweep")
+    ap.add_argument("--lora-lrs", "--lora-lr", nargs="+", type=float, dest="lora_lrs",
+                    help=f"trl-lora's learning rates (default {LORA_LR:g}; the study: "
+                         f"{' '.join(f'{x:g}' for x in STUDY['lrs']['trl-lora'])})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", help="rlprefix ablation: PPOConfig overrides key=json_value")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
@@ -886,6 +888,7 @@ def main():
         args.checkpoints = args.checkpoints or STUDY["checkpoints"]
         args.methods = args.methods or ["base", "rlprefix", "rlprefix-prev", "trl-prefix", "trl-lora"]
     args.budget = args.budget or (max(args.checkpoints) if args.checkpoints else 256)
+    args.lora_lrs = args.lora_lrs or (STUDY["lrs"]["trl-lora"] if args.study else [LORA_LR])
     if args.method and args.task:
         return child(args)
     args.methods = args.methods or ["base", "rlprefix", "trl-prefix", "trl-lora"]
