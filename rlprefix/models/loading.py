@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ from rlprefix.distributed.groups import Dist, strategy_of
 from rlprefix.distributed.fsdp import load_sharded
 from rlprefix.files import honour_umask
 from rlprefix.models.adapter import family_of
-from rlprefix.models.spec import resolve_dtype
+from rlprefix.models.spec import resolve_dtype, slow_dtype_warning
+
+log = logging.getLogger("rlprefix.models.loading")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _ALIASES = {
@@ -130,6 +133,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         dist.barrier()
     config = AutoConfig.from_pretrained(path)
     family = family_of(config)
+    if warning := slow_dtype_warning(resolve_dtype(dtype), device):
+        log.warning(warning)
     if fsdp:
         family.require("fsdp", hint=f"{name_or_path}: use distributed strategy 'replicate'")
     if fsdp and dist.enabled:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -32,7 +33,9 @@ from rlprefix.settings import CLOSED_UNIT, NONNEG, POSITIVE, Check, ConfigError,
 from rlprefix.train.stage_run import WARM_START_FILES, Laps, StageRun, config_hash
 from rlprefix.models import family_of, sft_logits
 from rlprefix.models.sampling import pad_token_id
+from rlprefix.models.spec import slow_dtype_warning
 
+log = logging.getLogger("rlprefix.train.warm_start")
 
 @dataclass
 class WarmStartConfig(Settings):
@@ -222,6 +225,8 @@ def _setup(model, tokenizer, prefix: Prefix, dataset, eval_dataset, cfg: WarmSta
     """Seed, prefix on the model's device, the data split (when no eval set is given) and tokenised."""
     torch.manual_seed(cfg.seed)
     prefix.to(model.device).train()
+    if cfg.precision == "bf16" and (warning := slow_dtype_warning(torch.bfloat16, model.device)):
+        log.warning(warning)
     if prefix.num_parameters() == 0:
         raise ValueError("the prefix has no trainable parameters (length 0?)")
     ds = load_records(dataset)
