@@ -242,8 +242,9 @@ def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str, snaps: 
 
     reward_fn.__name__ = args.task
     # GRPOConfig's own defaults otherwise, bf16 included (TRL turns it on unless fp16 is set): every stored TRL run
-    # trained under bf16 autocast. On a CPU without AVX512-BF16 its matmuls take torch's generic gemm, ~17x slower
-    # (casual and sentiment at lr 1e-3: ~2,750 s of training here against ~160 s for the same cells on a CPU with it)
+    # trained under bf16 autocast. On a CPU without AVX512-BF16 its matmuls take torch's generic gemm, 17-21x slower
+    # (casual, sentiment, sentiment_brief at lr 1e-3: 2,750-3,400 s of training against 150-170 s for the other
+    # tasks' cells on a CPU with it)
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, num_generations=k,
                      max_completion_length=args.tokens, max_steps=steps, logging_steps=1, report_to=[],
                      use_cpu=True, gradient_checkpointing=False, save_strategy="no", learning_rate=args.lr,

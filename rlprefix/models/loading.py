@@ -133,15 +133,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         dist.barrier()
     config = AutoConfig.from_pretrained(path)
     family = family_of(config)
-    if warning := slow_dtype_warning(resolve_dtype(dtype), device):
+    torch_dtype = resolve_dtype(dtype)
+    if warning := slow_dtype_warning(torch_dtype, device):
         log.warning(warning)
     if fsdp:
         family.require("fsdp", hint=f"{name_or_path}: use distributed strategy 'replicate'")
     if fsdp and dist.enabled:
-        model = load_sharded(path, resolve_dtype(dtype), device, dist, settings.fsdp_decode)
+        model = load_sharded(path, torch_dtype, device, dist, settings.fsdp_decode)
     else:
         auto = AutoModelForCausalLM if family.auto_class == "causal" else AutoModelForSeq2SeqLM
-        model = auto.from_pretrained(path, config=config, dtype=resolve_dtype(dtype)).to(device)
+        model = auto.from_pretrained(path, config=config, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.name_or_path = name_or_path
     return freeze(model), prepare_tokenizer(tokenizer)

@@ -37,6 +37,7 @@ from rlprefix.models.spec import slow_dtype_warning
 
 log = logging.getLogger("rlprefix.train.warm_start")
 
+
 @dataclass
 class WarmStartConfig(Settings):
     section = "warm_start"

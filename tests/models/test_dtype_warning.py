@@ -4,10 +4,11 @@ import logging
 
 import pytest
 import torch
-from tiny import save_tiny
+from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 import rlprefix
 from rlprefix.models import spec
+from rlprefix.train.warm_start import WarmStartConfig, warm_start
 
 
 @pytest.mark.parametrize("slow,dtype,warned", [(True, "bfloat16", True), (True, "float32", False),
@@ -31,9 +32,6 @@ def test_the_warning_is_about_cpus_only():
 
 
 def test_a_bf16_warm_start_warns_once_where_cpu_bf16_is_slow(monkeypatch, caplog):
-    from tiny import tiny_model, tiny_tokenizer
-    from rlprefix.train.warm_start import WarmStartConfig, warm_start
-
     monkeypatch.setattr(spec, "cpu_bf16_is_slow", lambda: True)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     data = [{"prompt": f"review {w}", "completion": f"{w} is good"} for w in ["film", "food", "phone", "park"]]
