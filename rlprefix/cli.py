@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import typing
@@ -400,12 +401,27 @@ def error_line(e: BaseException) -> str:
     return f"rlprefix: error: {text}"
 
 
+class WarningLines(logging.Handler):
+    """The library's warnings (logger "rlprefix") in the CLI's one-line form, `rlprefix: warning: ...`, on the
+    stderr of the moment (a test's capture included). `rlprefix serve` keeps its own timestamped log format."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = " ".join(record.getMessage().split())
+        print(f"rlprefix: {record.levelname.lower()}: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else 2
+    logger, lines = logging.getLogger("rlprefix"), WarningLines()
+    if args.func is not cmd_serve:
+        logger.addHandler(lines)
     try:
         return args.func(args)
     except Exception as e:  # noqa: BLE001 - every error reaches the user as one line (--debug: traceback)
@@ -413,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(error_line(e), file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(lines)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ rlprefix keeps it in PEFT's slot order (see rlprefix/models/encoder_decoder.py f
 """
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from rlprefix.prefixes.dynamic import REFUSALS
 from rlprefix.prefixes.peft_generate import ignored_warning
 from rlprefix.prefixes.layout import kv_to_rows, rows_to_kv
 
+log = logging.getLogger("rlprefix.prefixes.peft")
 
 
 def kv_to_peft(kv: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def export_peft(prefix, model, out_dir: str | Path, overwrite: bool = False) -> 
     }, overwrite=overwrite)
     warning = ignored_warning()
     if warning:
-        print(warning, file=sys.stderr)
+        log.warning(warning)
     return out
 
 

@@ -64,6 +64,6 @@ def ignored_warning() -> str | None:
     """One line for a user about to use an exported prefix adapter with PEFT's `generate`, or None when it works."""
     if peft_generate_applies_prefix() is not False:
         return None
-    return (f"rlprefix: warning: with {versions()}, PEFT's generate ignores prefix-tuning adapters (its forward "
+    return (f"with {versions()}, PEFT's generate ignores prefix-tuning adapters (its forward "
             f"applies them): sample with transformers' own generate and rlprefix.generate_kwargs(prefix, model, "
             f"input_ids, attention_mask) instead")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from rlprefix.decoding.prompts import render_prompts
 
 # The data files rlprefix reads, by suffix, and the `datasets` builder that reads each; any other source is a hub
 # dataset or a local dataset directory. Preflight checks a source as a local file by these same suffixes.
+log = logging.getLogger("rlprefix.train.data")
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DATA_SUFFIXES = tuple(DATA_BUILDERS)
 JSON_SUFFIXES = tuple(s for s, builder in DATA_BUILDERS.items() if builder == "json")
@@ -206,8 +207,8 @@ def tokenize_sft(ds, tokenizer, max_length: int = 256, chat: bool | None = None,
         else:
             examples.append(SFTExample(p_ids + c_ids, [-100] * len(p_ids) + c_ids))
     if truncated:
-        warnings.warn(f"{truncated} of {len(examples)} examples were longer than max_length={max_length} and "
-                      f"lost completion tokens from the end", stacklevel=2)
+        log.warning("%d of %d examples were longer than max_length=%d and lost completion tokens from the end",
+                    truncated, len(examples), max_length)
     return examples
 
 

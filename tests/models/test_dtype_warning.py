@@ -7,6 +7,7 @@ import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 import rlprefix
+from rlprefix.cli import main
 from rlprefix.models import spec
 from rlprefix.train.warm_start import WarmStartConfig, warm_start
 
@@ -42,3 +43,16 @@ def test_a_bf16_warm_start_warns_once_where_cpu_bf16_is_slow(monkeypatch, caplog
             warm_start(model, tok, prefix, data, WarmStartConfig(steps=2, batch_size=2, eval_fraction=0.25,
                                                                  precision=precision, progress=False))
         assert sum("30x slower" in r.getMessage() for r in caplog.records) == expected
+
+
+def test_the_cli_prints_the_warning_as_one_rlprefix_line(tmp_path, monkeypatch, capsys):
+    """The CLI's form for every library warning: `rlprefix: warning: ...`, once, on stderr (stdout stays data)."""
+    monkeypatch.setattr(spec, "cpu_bf16_is_slow", lambda: True)
+    path = save_tiny(tmp_path / "tiny")
+    assert main(["generate", "--model", str(path), "--dtype", "bfloat16", "--prompt", "hi", "--greedy",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    warned = [line for line in err.splitlines() if "30x slower" in line]
+    assert len(warned) == 1 and warned[0].startswith("rlprefix: warning: ") and "30x slower" not in out
+    assert main(["generate", "--model", str(path), "--prompt", "hi", "--greedy", "--max-new-tokens", "2"]) == 0
+    assert "rlprefix: warning" not in capsys.readouterr().err  # float32: nothing; the handler left with the call

@@ -2,6 +2,8 @@
 applies prefix adapters in generate, its greedy tokens equal rlprefix's; where it ignores them (PEFT 0.21 with
 transformers >= 5.24), the probe says so, the export still writes the adapter and warns in one line, and
 `generate_kwargs` is the route that works."""
+import logging
+
 import pytest
 import torch
 from tiny import tiny_model, peft_calls
@@ -18,11 +20,12 @@ PROMPTS = ["hello world", "The film was wonderful and the actors"]
 
 
 @peft_calls  # PEFT's own generate/forward inject `past_key_values` (the very thing measured here)
-def test_peft_generate_with_an_exported_prefix(tmp_path, tokenizer, capsys):
+def test_peft_generate_with_an_exported_prefix(tmp_path, tokenizer, caplog):
     model = tiny_model("llama", sharpen=3.0)
     prefix = Prefix.for_model(model, 5, "kv", init_std=1.0, generator=torch.Generator().manual_seed(1))
-    rlprefix.export_peft(prefix, model, tmp_path / "peft")
-    printed = capsys.readouterr().err.strip().splitlines()
+    with caplog.at_level(logging.WARNING, logger="rlprefix"):
+        rlprefix.export_peft(prefix, model, tmp_path / "peft")
+    printed = [r.getMessage() for r in caplog.records]
     ids, mask = encode_prompts(tokenizer, PROMPTS, chat=False)
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                eos_token_id=1)
@@ -42,7 +45,7 @@ def test_peft_generate_with_an_exported_prefix(tmp_path, tokenizer, capsys):
     else:  # PEFT samples the bare model: what the probe detected and the warning says
         assert torch.equal(theirs[full], bare[full])
         assert not torch.equal(theirs, ours.completion_ids)
-        assert ignored_warning().startswith(f"rlprefix: warning: with {versions()}, PEFT's generate ignores")
+        assert ignored_warning().startswith(f"with {versions()}, PEFT's generate ignores")
         assert "rlprefix.generate_kwargs" in ignored_warning()
         assert printed == [ignored_warning()]  # the export still wrote the adapter, and said so in one line
         assert (tmp_path / "peft" / "adapter_model.safetensors").exists()

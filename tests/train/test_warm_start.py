@@ -1,4 +1,5 @@
 """Warm start: loss goes down, completion-only labels, merge keeps eval loss, exact resume, clear errors."""
+import logging
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "b" / "warm_start_curves.png").stat().st_size > 1000
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, caplog):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     prefix = Prefix.for_model(model, 4, "mlp", mlp_hidden=32)
     empty = tmp_path / "empty.jsonl"
@@ -91,8 +92,10 @@ def test_clear_errors(tmp_path):
     long_prompt = [{"prompt": "hello world " * 40, "completion": "good"}] * 2
     with pytest.raises(ValueError, match="example 0: the prompt alone is .* nothing of the completion fits"):
         warm_start(model, tok, prefix, long_prompt, cfg(max_length=32))
-    with pytest.warns(UserWarning, match="1 of 1 examples were longer than max_length"):
+    with caplog.at_level(logging.WARNING, logger="rlprefix"):
         tokenize_sft(load_records([{"prompt": "a", "completion": "good great " * 30}]), tok, max_length=24)
+    assert [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()] == [
+        "1 of 1 examples were longer than max_length=24 and lost completion tokens from the end"]
     with pytest.raises(FileNotFoundError, match="dataset file not found"):
         load_records(str(tmp_path / "nope.jsonl"))
 
