@@ -192,7 +192,7 @@ def train_rlprefix(args, model, tok, reward, adapter_dir: Path, snaps: Snapshots
         setattr(cfg, k, v)
     if "steps" not in overrides:
         cfg.steps = max(1, args.budget // cfg.batch_size)
-    prefix = Prefix.from_text(model, tok, INIT_TEXT, 16, "kv")
+    prefix = Prefix.from_text(model, tok, INIT_TEXT, args.prefix_length, "kv")
     cfg.lr = learning_rate(cfg, prefix)  # ppo.lr: null is the kind's lr: the run records the value it used
 
     def on_step(step, record):
@@ -203,7 +203,7 @@ def train_rlprefix(args, model, tok, reward, adapter_dir: Path, snaps: Snapshots
     return {"completions": cfg.steps * cfg.batch_size, "train_curve": [h["reward/mean"] for h in res.history],
             "config": {k: getattr(cfg, k) for k in ("advantage", "lr", "batch_size", "group_size", "kl_coef",
                                                     "epochs", "steps")},
-            "ppo_config": {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}}
+            "ppo_config": {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}, "prefix_length": args.prefix_length}
 
 
 def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str, snaps: Snapshots) -> dict:
@@ -760,6 +760,7 @@ def run_cell(args, cell: dict, checkpoints: list[int] | None) -> dict | None:
     cmd = [sys.executable, __file__, "--method", method, "--task", task, "--seed", str(seed),
            "--budget", str(args.budget), "--tokens", str(args.tokens), "--threads", str(args.threads)]
     cmd += (["--lr", str(lr)] if lr else []) + (["--set", *args.set] if args.set else [])
+    cmd += ["--prefix-length", str(args.prefix_length)]
     cmd += ["--checkpoints", *map(str, checkpoints)] if checkpoints and method != "base" else []
     print(f"[{time.strftime('%H:%M:%S')}] {cell['key']}", flush=True)
     t0 = time.perf_counter()
@@ -876,6 +877,7 @@ def main():
                          f"{' '.join(f'{x:g}' for x in STUDY['lrs']['trl-lora'])})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", help="rlprefix ablation: PPOConfig overrides key=json_value")
+    ap.add_argument("--prefix-length", type=int, default=16, help="rlprefix's prefix positions (ablation; default 16)")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
     ap.add_argument("--study", choices=["sample_efficiency"], help="issue #27: every cell, resumable")
     ap.add_argument("--dry-run", action="store_true", help="with --study: list the cells and estimate the time")
