@@ -203,7 +203,10 @@ def train_rlprefix(args, model, tok, reward, adapter_dir: Path, snaps: Snapshots
     return {"completions": cfg.steps * cfg.batch_size, "train_curve": [h["reward/mean"] for h in res.history],
             "config": {k: getattr(cfg, k) for k in ("advantage", "lr", "batch_size", "group_size", "kl_coef",
                                                     "epochs", "steps")},
-            "ppo_config": {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}, "prefix_length": args.prefix_length}
+            "ppo_config": {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}, "prefix_length": args.prefix_length,
+            # per step: did the KL early stop cut the update, and how far each update moved (the trust region's work)
+            "update_stats": {k: [h.get(f"policy/{k}") for h in res.history]
+                             for k in ("early_stopped", "approx_kl", "clipfrac")}}
 
 
 def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str, snaps: Snapshots) -> dict:
