@@ -45,6 +45,7 @@ FLOORS = {
     "rewards": (1, "rewards"),
     "rlprefix.version": (1, "base"), "rlprefix.files": (1, "base"), "rlprefix.lock": (1, "base"),
     "rlprefix.settings": (1, "base"), "rlprefix.seeds": (1, "base"), "rlprefix.guards": (1, "base"),
+    "rlprefix.messages": (1, "base"),
     "rlprefix.distributed": (2, "distributed"),
     "rlprefix.models": (3, "models"),
     "rlprefix.prefixes": (4, "prefixes"),
