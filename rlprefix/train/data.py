@@ -11,9 +11,10 @@ import torch
 
 from rlprefix.decoding.prompts import render_prompts
 
+log = logging.getLogger("rlprefix.train.data")
+
 # The data files rlprefix reads, by suffix, and the `datasets` builder that reads each; any other source is a hub
 # dataset or a local dataset directory. Preflight checks a source as a local file by these same suffixes.
-log = logging.getLogger("rlprefix.train.data")
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DATA_SUFFIXES = tuple(DATA_BUILDERS)
 JSON_SUFFIXES = tuple(s for s, builder in DATA_BUILDERS.items() if builder == "json")
