@@ -119,6 +119,7 @@ TASKS = {
         {"name": "length", "target": 5, "tolerance": 10, "weight": 0.5}]}},
 }
 INIT_TEXT = "Here is my answer."
+PREFIX_LENGTH = 16  # positions of both prefix peers (rlprefix's and TRL + PEFT's); --prefix-length: rlprefix only
 # issue #27: the cells of the sample-efficiency study (see the docstring)
 STUDY = {"checkpoints": [64, 128, 256, 512],
          "lrs": {"trl-prefix": [1e-3, 3e-3, 1e-2], "trl-lora": [1e-5, 1e-4, 1e-3]}}
@@ -225,7 +226,7 @@ def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str, snaps: 
         order += rng.sample(train, len(train))
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in order]})
     if adapter == "prefix":
-        peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)
+        peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LENGTH)
     else:
         peft_cfg = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
     curve = []
@@ -880,7 +881,8 @@ def main():
                          f"{' '.join(f'{x:g}' for x in STUDY['lrs']['trl-lora'])})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", help="rlprefix ablation: PPOConfig overrides key=json_value")
-    ap.add_argument("--prefix-length", type=int, default=16, help="rlprefix's prefix positions (ablation; default 16)")
+    ap.add_argument("--prefix-length", type=int, default=PREFIX_LENGTH,
+                    help=f"rlprefix's prefix positions (ablation; default {PREFIX_LENGTH}, TRL + PEFT prefix's too)")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
     ap.add_argument("--study", choices=["sample_efficiency"], help="issue #27: every cell, resumable")
     ap.add_argument("--dry-run", action="store_true", help="with --study: list the cells and estimate the time")
