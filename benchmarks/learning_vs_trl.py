@@ -252,7 +252,8 @@ def train_trl(args, model, tok, reward, adapter_dir: Path, adapter: str, snaps: 
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, num_generations=k,
                      max_completion_length=args.tokens, max_steps=steps, logging_steps=1, report_to=[],
                      use_cpu=True, gradient_checkpointing=False, save_strategy="no", learning_rate=args.lr,
-                     temperature=1.0, top_k=0, top_p=1.0, disable_tqdm=True, seed=args.seed, shuffle_dataset=False)
+                     temperature=1.0, top_k=0, top_p=1.0, disable_tqdm=True, seed=args.seed, shuffle_dataset=False,
+                     bf16=False if args.trl_fp32 else None)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=ds, processing_class=tok,
                           peft_config=peft_cfg, callbacks=[Log()])
     trainer.train()
@@ -764,7 +765,7 @@ def run_cell(args, cell: dict, checkpoints: list[int] | None) -> dict | None:
     cmd = [sys.executable, __file__, "--method", method, "--task", task, "--seed", str(seed),
            "--budget", str(args.budget), "--tokens", str(args.tokens), "--threads", str(args.threads)]
     cmd += (["--lr", str(lr)] if lr else []) + (["--set", *args.set] if args.set else [])
-    cmd += ["--prefix-length", str(args.prefix_length)]
+    cmd += ["--prefix-length", str(args.prefix_length)] + (["--trl-fp32"] if args.trl_fp32 else [])
     cmd += ["--checkpoints", *map(str, checkpoints)] if checkpoints and method != "base" else []
     print(f"[{time.strftime('%H:%M:%S')}] {cell['key']}", flush=True)
     t0 = time.perf_counter()
@@ -883,6 +884,9 @@ def main():
     ap.add_argument("--set", nargs="*", help="rlprefix ablation: PPOConfig overrides key=json_value")
     ap.add_argument("--prefix-length", type=int, default=PREFIX_LENGTH,
                     help=f"rlprefix's prefix positions (ablation; default {PREFIX_LENGTH}, TRL + PEFT prefix's too)")
+    ap.add_argument("--trl-fp32", action="store_true",
+                    help="TRL peers train in float32 (bf16=False; TRL's default is bf16 autocast, 17-21x slower on a "
+                         "CPU without AVX512-BF16); tag such runs, e.g. --tag=-fp32")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
     ap.add_argument("--study", choices=["sample_efficiency"], help="issue #27: every cell, resumable")
     ap.add_argument("--dry-run", action="store_true", help="with --study: list the cells and estimate the time")
