@@ -725,10 +725,11 @@ def current_defaults() -> dict:
     return {k: getattr(cfg, k) for k in PREVIOUS_DEFAULTS}
 
 
-def best_stored_lr(runs: dict, task: str, method: str, lrs: list[float], require_all: bool) -> float | None:
+def best_stored_lr(runs: dict, task: str, method: str, lrs: list[float], require_all: bool,
+                   suffix: str = "") -> float | None:
     """The swept lr with the largest seed-0 area per completion; None while the sweep (or the base) is missing."""
     b = base_reward(runs, task)
-    found = {lr: runs.get(f"{task}/{method}/lr={lr}/seed=0{CURVE}") for lr in lrs}
+    found = {lr: runs.get(f"{task}/{method}/lr={lr}/seed=0{suffix}{CURVE}") for lr in lrs}
     found = {lr: r for lr, r in found.items() if r is not None and complete(r)}
     if b is None or not found or (require_all and len(found) < len(lrs)):
         return None
@@ -744,11 +745,12 @@ def study_cells(args, runs: dict, require_all: bool = True) -> list[dict]:
     cells = []
     for task in args.tasks:
         for method in args.methods:
-            lrs = study_lrs(args).get(method, [None])
+            lrs, suffix = study_lrs(args).get(method, [None]), run_suffix(args, method)
             for seed in ([0] if method == "base" else args.seeds):
-                for lr in (lrs if seed == 0 or len(lrs) == 1 else [best_stored_lr(runs, task, method, lrs,
-                                                                                  require_all)]):
-                    key = f"{task}/{method}/lr={lr}/seed={seed}" + ("" if method == "base" else CURVE)
+                for lr in (lrs if seed == 0 or len(lrs) == 1 else
+                           [best_stored_lr(runs, task, method, lrs, require_all, suffix)]):
+                    tail = "" if method == "base" else suffix + CURVE
+                    key = f"{task}/{method}/lr={lr}/seed={seed}{tail}"
                     older = method == "rlprefix" and runs.get(key, {}).get("ppo_config", now) != now
                     status = ("stored, other settings" if key in runs and older and not args.rerun else
                               "stored" if key in runs and not args.rerun else "same as rlprefix"
@@ -757,6 +759,13 @@ def study_cells(args, runs: dict, require_all: bool = True) -> list[dict]:
                     cells.append({"task": task, "method": method, "lr": lr, "seed": seed, "key": key,
                                   "status": status})
     return cells
+
+
+def run_suffix(args, method: str) -> str:
+    """The run key's and method's suffix: --tag, plus "-fp32" on a TRL peer run with --trl-fp32 (derived from the
+    flag, so a float32 run can never land under a bf16 run's key; a hand-given --tag=-fp32 is not doubled)."""
+    fp32 = "-fp32" if args.trl_fp32 and method.startswith("trl-") and not args.tag.endswith("-fp32") else ""
+    return args.tag + fp32
 
 
 def run_cell(args, cell: dict, checkpoints: list[int] | None) -> dict | None:
@@ -774,7 +783,8 @@ def run_cell(args, cell: dict, checkpoints: list[int] | None) -> dict | None:
     if line is None:
         print(f"  failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
         return None
-    r = {"task": task, "method": method + args.tag, "seed": seed, "lr": lr, "commit": machine()["commit"],
+    r = {"task": task, "method": method + run_suffix(args, method), "seed": seed, "lr": lr,
+         "commit": machine()["commit"],
          "packages": package_versions(), "tokens": args.tokens, "wall_seconds": time.perf_counter() - t0,
          **({"budget": args.budget, "checkpoints": checkpoints, "study": args.study}
             if checkpoints and method != "base" else {}), **json.loads(line[7:])}
@@ -855,7 +865,7 @@ def run_classic(args) -> dict:
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in lrs:
                     curve = CURVE if args.checkpoints and method != "base" else ""
-                    key = f"{task}/{method}/lr={lr}/seed={seed}{args.tag}{curve}"
+                    key = f"{task}/{method}/lr={lr}/seed={seed}{run_suffix(args, method)}{curve}"
                     if key in runs and not args.rerun:
                         continue
                     cell = {"task": task, "method": method, "lr": lr, "seed": seed, "key": key}
@@ -886,7 +896,7 @@ def main():
                     help=f"rlprefix's prefix positions (ablation; default {PREFIX_LENGTH}, TRL + PEFT prefix's too)")
     ap.add_argument("--trl-fp32", action="store_true",
                     help="TRL peers train in float32 (bf16=False; TRL's default is bf16 autocast, 17-21x slower on a "
-                         "CPU without AVX512-BF16); tag such runs, e.g. --tag=-fp32")
+                         "CPU without AVX512-BF16); their keys and method names get \"-fp32\"")
     ap.add_argument("--tag", default="", help="suffix for the run key (ablations)")
     ap.add_argument("--study", choices=["sample_efficiency"], help="issue #27: every cell, resumable")
     ap.add_argument("--dry-run", action="store_true", help="with --study: list the cells and estimate the time")
