@@ -125,6 +125,12 @@ STUDY = {"checkpoints": [64, 128, 256, 512],
          "lrs": {"trl-prefix": [1e-3, 3e-3, 1e-2], "trl-lora": [1e-5, 1e-4, 1e-3]}}
 LORA_LR = 1e-4  # trl-lora's rate outside the study (the headline table's)
 CURVE = "/curve"  # key suffix of a run with held-out snapshots
+
+
+def run_key(task: str, method: str, lr, seed: int, suffix: str = "", curve: bool = True) -> str:
+    """The one spelling of a stored run's key: `<task>/<method>/lr=<lr>/seed=<seed><suffix>[/curve]` (suffix: --tag
+    and "-fp32", see run_suffix; /curve: a run with held-out snapshots). The base model's key has neither."""
+    return f"{task}/{method}/lr={lr}/seed={seed}{suffix}{CURVE if curve else ''}"
 # rlprefix's PPOConfig() defaults on 2026-12-05 (every field that decides learning), run as "rlprefix-prev"
 PREVIOUS_DEFAULTS = {
     "batch_size": 32, "group_size": 4, "minibatch_size": 8, "epochs": 1, "lr": 1e-2, "advantage": "rloo",
@@ -633,7 +639,7 @@ def paired_rows(runs: dict) -> tuple[list[dict], list[dict]]:
     for key, r in sorted(runs.items()):
         if not (r["method"].startswith("rlprefix-") and r["method"] != "rlprefix-prev" and complete(r)):
             continue
-        ref = runs.get(f"{r['task']}/rlprefix/lr=None/seed={r['seed']}{CURVE}")
+        ref = runs.get(run_key(r["task"], "rlprefix", None, r["seed"]))
         if ref is None or not complete(ref):
             continue
         a = {p["completions"]: p for p in ref["curve"]}
@@ -729,7 +735,7 @@ def best_stored_lr(runs: dict, task: str, method: str, lrs: list[float], require
                    suffix: str = "") -> float | None:
     """The swept lr with the largest seed-0 area per completion; None while the sweep (or the base) is missing."""
     b = base_reward(runs, task)
-    found = {lr: runs.get(f"{task}/{method}/lr={lr}/seed=0{suffix}{CURVE}") for lr in lrs}
+    found = {lr: runs.get(run_key(task, method, lr, 0, suffix)) for lr in lrs}
     found = {lr: r for lr, r in found.items() if r is not None and complete(r)}
     if b is None or not found or (require_all and len(found) < len(lrs)):
         return None
@@ -749,8 +755,8 @@ def study_cells(args, runs: dict, require_all: bool = True) -> list[dict]:
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in (lrs if seed == 0 or len(lrs) == 1 else
                            [best_stored_lr(runs, task, method, lrs, require_all, suffix)]):
-                    tail = "" if method == "base" else suffix + CURVE
-                    key = f"{task}/{method}/lr={lr}/seed={seed}{tail}"
+                    key = (run_key(task, method, lr, seed, curve=False) if method == "base" else
+                           run_key(task, method, lr, seed, suffix))
                     older = method == "rlprefix" and runs.get(key, {}).get("ppo_config", now) != now
                     status = ("stored, other settings" if key in runs and older and not args.rerun else
                               "stored" if key in runs and not args.rerun else "same as rlprefix"
@@ -864,8 +870,8 @@ def run_classic(args) -> dict:
             lrs = {"trl-prefix": args.trl_lrs, "trl-lora": args.lora_lrs}.get(method, [None])
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in lrs:
-                    curve = CURVE if args.checkpoints and method != "base" else ""
-                    key = f"{task}/{method}/lr={lr}/seed={seed}{run_suffix(args, method)}{curve}"
+                    key = run_key(task, method, lr, seed, run_suffix(args, method),
+                                  curve=bool(args.checkpoints) and method != "base")
                     if key in runs and not args.rerun:
                         continue
                     cell = {"task": task, "method": method, "lr": lr, "seed": seed, "key": key}
