@@ -129,8 +129,10 @@ CURVE = "/curve"  # key suffix of a run with held-out snapshots
 
 def run_key(task: str, method: str, lr, seed: int, suffix: str = "", curve: bool = True) -> str:
     """The one spelling of a stored run's key: `<task>/<method>/lr=<lr>/seed=<seed><suffix>[/curve]` (suffix: --tag
-    and "-fp32", see run_suffix; /curve: a run with held-out snapshots). The base model's key has neither."""
+    and "-fp32", see run_suffix; /curve: a run with held-out snapshots). The base model's key has no /curve."""
     return f"{task}/{method}/lr={lr}/seed={seed}{suffix}{CURVE if curve else ''}"
+
+
 # rlprefix's PPOConfig() defaults on 2026-12-05 (every field that decides learning), run as "rlprefix-prev"
 PREVIOUS_DEFAULTS = {
     "batch_size": 32, "group_size": 4, "minibatch_size": 8, "epochs": 1, "lr": 1e-2, "advantage": "rloo",
