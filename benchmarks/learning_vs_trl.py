@@ -757,8 +757,7 @@ def study_cells(args, runs: dict, require_all: bool = True) -> list[dict]:
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in (lrs if seed == 0 or len(lrs) == 1 else
                            [best_stored_lr(runs, task, method, lrs, require_all, suffix)]):
-                    key = (run_key(task, method, lr, seed, curve=False) if method == "base" else
-                           run_key(task, method, lr, seed, suffix))
+                    key = run_key(task, method, lr, seed, "" if method == "base" else suffix, method != "base")
                     older = method == "rlprefix" and runs.get(key, {}).get("ppo_config", now) != now
                     status = ("stored, other settings" if key in runs and older and not args.rerun else
                               "stored" if key in runs and not args.rerun else "same as rlprefix"
@@ -869,7 +868,7 @@ def run_classic(args) -> dict:
     runs = load_results(args.name).get("runs", {})
     for task in args.tasks:
         for method in args.methods:
-            lrs = {"trl-prefix": args.trl_lrs, "trl-lora": args.lora_lrs}.get(method, [None])
+            lrs = study_lrs(args).get(method, [None])
             for seed in ([0] if method == "base" else args.seeds):
                 for lr in lrs:
                     key = run_key(task, method, lr, seed, run_suffix(args, method),
